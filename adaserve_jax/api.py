@@ -1,0 +1,163 @@
+"""The public entry point: `Engine(target, draft=None, ...)` with `generate`.
+
+`Engine` owns the device models (target, optional draft) and a `Scheduler`; it
+validates every input on the host before any device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from adaserve_jax.engine.batch import SamplingParams, Segment
+from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
+from adaserve_jax.model.loader import Model
+from adaserve_jax.scheduler.loop import Scheduler
+from adaserve_jax.scheduler.request import Request, RequestStats
+
+POLICIES = ("autoregressive",)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerationOutput:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    prompt_ids: list[int]
+    stats: RequestStats
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
+def parse_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    return policy
+
+
+class Engine:
+    """Serve a target model (optionally with a draft for speculative decoding)."""
+
+    def __init__(
+        self,
+        target: Model,
+        draft: Model | None = None,
+        *,
+        attention_impl: str = "xla",
+        max_batch: int = 8,
+        max_len: int | None = None,
+        token_budget: int = 256,
+        token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
+        ctx_buckets: Sequence[int] | None = None,
+        warmup: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if max_batch <= 0:
+            raise ValueError(f"{max_batch=} must be > 0")
+        max_len = max_len or target.config.max_seq_len
+        if token_budget > max(token_buckets):
+            raise ValueError(
+                f"{token_budget=} exceeds the largest token bucket {max(token_buckets)}"
+            )
+        if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(
+                f"draft vocab_size={draft.config.vocab_size} != target vocab_size="
+                f"{target.config.vocab_size}"
+            )
+        self.target_model = target
+        self.draft_model = draft
+        self.tokenizer = target.tokenizer
+        self.token_budget = token_budget
+        self.target = DeviceModel(
+            target,
+            num_slots=max_batch,
+            max_len=max_len,
+            attention_impl=attention_impl,
+            token_buckets=token_buckets,
+            ctx_buckets=ctx_buckets,
+        )
+        self.num_slots = max_batch
+        self.max_len = max_len
+        if warmup:
+            self.target.warmup(progress=progress)
+
+    # ---- StepEngine (used by the scheduler) ------------------------------------------
+    def forward(self, segments: list[Segment]) -> tuple[np.ndarray, tuple[int, ...]]:
+        sampled, batch = self.target.run(segments, head="sample")
+        return sampled, batch.offsets
+
+    # ---- public ----------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "a str prompt needs a tokenizer; this model has none (pass token ids)"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.target_model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        return ids
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_tokens: int,
+        policy: str = "autoregressive",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[GenerationOutput]:
+        """Generate for all prompts together (continuous batching); blocks until done."""
+        parse_policy(policy)
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not a single str")
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens={max_tokens} must be a positive int")
+        base_seed = int(np.random.randint(0, 2**31)) if seed is None else int(seed)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode_prompt(prompt)
+            sampling = SamplingParams(temperature, top_p, top_k, (base_seed + i) % 2**32)
+            requests.append(Request(str(i), tuple(ids), max_tokens, sampling, stop=tuple(stop)))
+        sched = self._scheduler()
+        states = [sched.submit(r) for r in requests]  # validates every request first
+        sched.run_until_done()
+        return [self._output(s) for s in states]
+
+    def _scheduler(self, **kwargs) -> Scheduler:
+        cfg = self.target_model.config
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return Scheduler(
+            self,
+            token_budget=self.token_budget,
+            eos_id=cfg.eos_token_id,
+            decode_text=decode,
+            **kwargs,
+        )
+
+    def _output(self, s) -> GenerationOutput:
+        text = self.tokenizer.decode(s.output) if self.tokenizer is not None else None
+        if text is not None and s.request.stop:
+            cut = min((text.find(x) for x in s.request.stop if x in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return GenerationOutput(
+            token_ids=list(s.output),
+            text=text,
+            finish_reason=str(s.finish_reason),
+            prompt_ids=list(s.request.prompt_ids),
+            stats=s.stats,
+            ttft_s=s.ttft_s(),
+            tpot_s=s.mean_tpot_s(),
+        )

@@ -1,0 +1,1 @@
+"""Host wrapper around the device steps (batches and bookkeeping in numpy)."""

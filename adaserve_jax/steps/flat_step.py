@@ -1,0 +1,110 @@
+"""The flat-token step: one jit-compiled forward over T tokens from any mix of requests.
+
+Inputs (all padded to a token bucket T; padding tokens have slot -1):
+    tokens i32[T], slot i32[T], position i32[T], cache_index i32[T], ctx_len i32[T],
+    tree_mask bool[T,T]                                   (see engine/batch.py)
+    move_slot/move_src/move_dst i32[M]                    KV compaction, applied first
+    temperature f32[T], top_k i32[T], top_p f32[T], seed u32[T]   (sampling head only)
+Static: the head ("sample" | "logits" | "topk"), attended_len (a context bucket).
+
+KV caches are a per-layer list of (k, v) f32[S, L, KVH, D] and are donated: the
+step writes this batch's K/V rows in place and returns the new caches.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adaserve_jax.model.config import ModelConfig
+from adaserve_jax.model.llama import Transformer
+from adaserve_jax.steps.sampling import filtered_log_probs, sample_tokens
+
+Caches = list[tuple[jax.Array, jax.Array]]
+HEADS = ("sample", "logits", "topk")
+
+
+def init_caches(cfg: ModelConfig, num_slots: int, max_len: int) -> Caches:
+    """Zeroed KV caches: per layer (k, v) f32[S, L, KVH, D]."""
+    shape = (num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [
+        (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+        for _ in range(cfg.num_layers)
+    ]
+
+
+def _compact(cache: jax.Array, move_slot, move_src, move_dst) -> jax.Array:
+    """Copy rows (slot, src) -> (slot, dst) for every move; padding moves have slot == S."""
+    s_count = cache.shape[0]
+    rows = cache[jnp.clip(move_slot, 0, s_count - 1), move_src]  # [M, KVH, D], read before writing
+    return cache.at[move_slot, move_dst].set(rows, mode="drop")
+
+
+def build_step(cfg: ModelConfig, attention: Callable, topk: int = 8) -> Callable:
+    """Returns step(params, caches, batch: dict, *, head, attended_len) -> (out, caches), jitted."""
+    model = Transformer(cfg)
+
+    @functools.partial(jax.jit, static_argnames=("head", "attended_len"), donate_argnums=(1,))
+    def step(params: Any, caches: Caches, batch: dict, *, head: str, attended_len: int):
+        s_count = caches[0][0].shape[0]
+        slot = batch["slot"]
+        write_slot = jnp.where(slot < 0, s_count, slot)  # padding rows are dropped
+        move_slot = jnp.where(batch["move_slot"] < 0, s_count, batch["move_slot"])
+
+        def attention_fn(layer, q, k, v, cache):
+            del layer
+            kc, vc = cache
+            kc = _compact(kc, move_slot, batch["move_src"], batch["move_dst"])
+            vc = _compact(vc, move_slot, batch["move_src"], batch["move_dst"])
+            kc = kc.at[write_slot, batch["cache_index"]].set(k[0], mode="drop")
+            vc = vc.at[write_slot, batch["cache_index"]].set(v[0], mode="drop")
+            out = attention(
+                q[0],
+                kc,
+                vc,
+                k[0],
+                v[0],
+                slot,
+                batch["ctx_len"],
+                batch["tree_mask"],
+                attended_len=attended_len,
+            )
+            return out[None], (kc, vc)
+
+        logits, caches = model.apply(
+            {"params": params},
+            batch["tokens"][None],
+            batch["position"][None],
+            attention_fn,
+            caches,
+        )
+        logits = logits[0]  # [T, V]
+        if head == "logits":
+            out = logits
+        elif head == "sample":
+            out = sample_tokens(
+                logits,
+                batch["position"],
+                batch["temperature"],
+                batch["top_k"],
+                batch["top_p"],
+                batch["seed"],
+            )
+        elif head == "topk":
+            logp = filtered_log_probs(
+                logits,
+                jnp.ones_like(batch["temperature"]),
+                jnp.zeros_like(batch["top_k"]),
+                jnp.ones_like(batch["top_p"]),
+            )
+            vals, idx = jax.lax.top_k(logp, topk)
+            out = (vals, idx.astype(jnp.int32))
+        else:
+            raise ValueError(f"{head=} must be one of {HEADS}")
+        return out, caches
+
+    return step
