@@ -131,19 +131,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     results = []
-    print(f"{'R':>4} {'B':>5} {'select us':>10} {'input us':>9} {'+depth us':>10} "
-          f"{'cpu sel us':>10} {'share@' + format(args.iter_ms[-1], 'g') + 'ms':>13}")  # fmt: skip
+    shares = "  ".join(f"{'@' + format(ms, 'g') + 'ms':>7}" for ms in args.iter_ms)
+    print(
+        f"{'R':>4} {'B':>5} {'select':>7} {'(min)':>6} {'input':>6} {'+depth':>7} "
+        f"{'total':>6}  {shares}   (median wall us; share of iteration = total / iter)"
+    )
     for rows in args.requests:
         for budget in args.budgets:
             if budget < rows:
                 continue
             r = measure(rows, budget, args.repeats, args.warmup, args.seed, args.iter_ms)
             results.append(r)
-            share = r["share_of_iteration"][f"{args.iter_ms[-1]:g}ms"]
+            row_shares = "  ".join(f"{v:>7.2%}" for v in r["share_of_iteration"].values())
             print(
-                f"{rows:>4} {budget:>5} {r['select']['median_us']:>10.0f} "
-                f"{r['input']['median_us']:>9.0f} {r['input_depth']['median_us']:>10.0f} "
-                f"{r['select']['cpu_median_us']:>10.0f} {share:>13.2%}"
+                f"{rows:>4} {budget:>5} {r['select']['median_us']:>7.0f} "
+                f"{r['select']['min_us']:>6.0f} {r['input']['median_us']:>6.0f} "
+                f"{r['input_depth']['median_us']:>7.0f} {r['total_median_us']:>6.0f}  {row_shares}"
             )
     out = {
         "benchmark": "selector_overhead",

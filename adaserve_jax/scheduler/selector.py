@@ -316,14 +316,19 @@ def select(inp: SelectionInput) -> Selection:
         return Selection((), ei, ei, ei, ei, ef, ef, ef, np.zeros(0, bool))
     width = cols if inp.node_cap is None else min(cols, inp.node_cap)
 
-    # One unique key per node: bits(-log f) high, flat id r * M + j low. `+ 0.0` turns -0.0 into
-    # +0.0 so the root's key is the smallest; padding gets +inf bits.
-    neg = (-inp.log_f + np.float32(0.0)).view(np.int32).astype(np.int64)
+    # One unique key per node: bits(-log f) high, flat id r * M + j low. Validation made every
+    # log f <= 0, so clearing the sign bit gives the bits of -log f (and -0.0 -> +0.0: the root's
+    # key is the smallest); padding gets +inf bits.
+    keys = (inp.log_f.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)
     if inp.num_nodes.min() < cols:
-        neg = np.where(np.arange(cols) < inp.num_nodes[:, None], neg, _INF_BITS)
-    keys = (neg << 31) | np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
-    skeys = np.sort(keys, axis=1)[:, :width]  # [R, C]: each request's nodes, best first
-    f = np.exp(-(skeys >> 31).astype(np.int32).view(np.float32))  # f32[R, C], padding -> 0
+        keys = np.where(np.arange(cols) < inp.num_nodes[:, None], keys, _INF_BITS)
+    np.left_shift(keys, 31, out=keys)
+    keys |= np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+    keys.sort(axis=1)
+    skeys = keys[:, :width]  # [R, C]: each request's nodes, best first
+    f = (skeys >> 31).astype(np.int32).view(np.float32)  # -log f, sorted ascending
+    np.negative(f, out=f)
+    np.exp(f, out=f)  # f32[R, C] path probabilities, padding -> 0
     csum = np.cumsum(f, axis=1, dtype=np.float64)  # [R, C] f-sum of the first j + 1 nodes
     avail = np.minimum(inp.num_nodes, width).astype(np.int64)  # selectable nodes per request
 
@@ -349,7 +354,9 @@ def select(inp: SelectionInput) -> Selection:
         k = avail
     else:
         threshold = np.partition(pool, left - 1)[left - 1]
-        k = k1 + (eligible & (skeys <= threshold)).sum(axis=1)
+        # Rows are sorted, so `skeys <= threshold` is a prefix of each row; the phase adds the
+        # part of that prefix past k1 (and within the cap).
+        k = np.maximum(k1, np.minimum((skeys <= threshold).sum(axis=1), avail))
 
     taken = rank < k[:, None]
     flat = np.sort(skeys[taken] & _LOW31)  # sorted by (request, node)
