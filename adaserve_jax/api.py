@@ -48,7 +48,7 @@ class Engine:
         attention_impl: str = "xla",
         max_batch: int = 8,
         max_len: int | None = None,
-        token_budget: int = 256,
+        token_budget: int | None = None,
         token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
         ctx_buckets: Sequence[int] | None = None,
         warmup: bool = True,
@@ -57,6 +57,7 @@ class Engine:
         if max_batch <= 0:
             raise ValueError(f"{max_batch=} must be > 0")
         max_len = max_len or target.config.max_seq_len
+        token_budget = token_budget or max(token_buckets)
         if token_budget > max(token_buckets):
             raise ValueError(
                 f"{token_budget=} exceeds the largest token bucket {max(token_buckets)}"

@@ -16,7 +16,12 @@ TINY_BUCKETS = dict(token_buckets=(1, 4, 16, 64), ctx_buckets=(64, 256))
 @pytest.fixture(scope="session")
 def tiny_model() -> Model:
     cfg = ModelConfig.tiny(vocab_size=256, eos_token_id=None)
-    return Model(cfg, jax.tree.map(np.asarray, init_params(cfg, seed=1)))
+    # Scale the 0.02-std init up so attention is peaked and logits are far apart:
+    # with near-uniform attention, a wrong mask or position would go unnoticed.
+    params = jax.tree.map(
+        lambda x: np.asarray(x) * (6.0 if x.ndim == 2 else 1.0), init_params(cfg, 1)
+    )
+    return Model(cfg, params)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Benchmarks: step latency, speculation, multi-SLO workload replay."""
