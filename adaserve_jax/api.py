@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adaserve_jax.engine.batch import SamplingParams, Segment
+from adaserve_jax.engine.batch import Move, SamplingParams, Segment
 from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
+from adaserve_jax.engine.speculation import DraftDevice
+from adaserve_jax.engine.tree import DraftTrees, TreeShape
 from adaserve_jax.model.loader import Model
 from adaserve_jax.scheduler.loop import Scheduler
+from adaserve_jax.scheduler.policy import Policy, parse_policy
 from adaserve_jax.scheduler.request import Request, RequestStats
-
-POLICIES = ("autoregressive",)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,12 +30,6 @@ class GenerationOutput:
     stats: RequestStats
     ttft_s: float | None = None
     tpot_s: float | None = None
-
-
-def parse_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    return policy
 
 
 class Engine:
@@ -51,6 +46,7 @@ class Engine:
         token_budget: int | None = None,
         token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
         ctx_buckets: Sequence[int] | None = None,
+        policies: Sequence[str] = (),
         warmup: bool = True,
         progress: bool = True,
     ) -> None:
@@ -81,13 +77,42 @@ class Engine:
         )
         self.num_slots = max_batch
         self.max_len = max_len
+        self.has_draft = draft is not None
+        shapes = [p.shape for p in map(parse_policy, policies) if p.shape is not None]
+        if shapes and draft is None:
+            raise ValueError(f"speculative policies {list(policies)} need a draft model")
+        self.draft = None
+        if draft is not None:
+            self.draft = DraftDevice(
+                draft,
+                num_slots=max_batch,
+                max_len=max_len,
+                shapes=shapes,
+                attention_impl=attention_impl,
+                token_buckets=token_buckets,
+                ctx_buckets=ctx_buckets,
+            )
         if warmup:
             self.target.warmup(progress=progress)
+            if self.draft is not None:
+                self.draft.warmup(progress=progress)
+
+    def compile_count(self) -> int:
+        """Compiled step variants of target and draft (grows only if something retraces)."""
+        return self.target.compile_count() + (self.draft.compile_count() if self.draft else 0)
 
     # ---- StepEngine (used by the scheduler) ------------------------------------------
-    def forward(self, segments: list[Segment]) -> tuple[np.ndarray, tuple[int, ...]]:
-        sampled, batch = self.target.run(segments, head="sample")
+    def forward(
+        self, segments: list[Segment], moves: Sequence[Move] = ()
+    ) -> tuple[np.ndarray, tuple[int, ...]]:
+        sampled, batch = self.target.run(segments, head="sample", moves=moves)
         return sampled, batch.offsets
+
+    def draft_step(self, segments: list[Segment]):
+        return self.draft.step(segments)
+
+    def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
+        return self.draft.expand(root_vals, root_toks, root_pos, shape)
 
     # ---- public ----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -120,7 +145,9 @@ class Engine:
         stop: Sequence[str] = (),
     ) -> list[GenerationOutput]:
         """Generate for all prompts together (continuous batching); blocks until done."""
-        parse_policy(policy)
+        pol = parse_policy(policy)
+        if pol.speculative and self.draft is None:
+            raise ValueError(f"policy {policy!r} needs a draft model (Engine(target, draft))")
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of prompts, not a single str")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
@@ -131,16 +158,17 @@ class Engine:
             ids = self.encode_prompt(prompt)
             sampling = SamplingParams(temperature, top_p, top_k, (base_seed + i) % 2**32)
             requests.append(Request(str(i), tuple(ids), max_tokens, sampling, stop=tuple(stop)))
-        sched = self._scheduler()
+        sched = self._scheduler(policy=pol)
         states = [sched.submit(r) for r in requests]  # validates every request first
         sched.run_until_done()
         return [self._output(s) for s in states]
 
-    def _scheduler(self, **kwargs) -> Scheduler:
+    def _scheduler(self, policy: Policy | str = "autoregressive", **kwargs) -> Scheduler:
         cfg = self.target_model.config
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         return Scheduler(
             self,
+            policy=policy,
             token_budget=self.token_budget,
             eos_id=cfg.eos_token_id,
             decode_text=decode,

@@ -55,7 +55,7 @@ class DeviceModel:
         attention_impl: str = "xla",
         token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
         ctx_buckets: Sequence[int] | None = None,
-        max_moves: int = 64,
+        max_moves: int | None = None,
         heads: Sequence[str] = ("sample",),
         topk: int = 8,
     ) -> None:
@@ -74,7 +74,7 @@ class DeviceModel:
         self.token_buckets = tuple(sorted(token_buckets))
         buckets = ctx_buckets or DEFAULT_CTX_BUCKETS
         self.ctx_buckets = tuple(sorted({min(b, max_len) for b in buckets} | {max_len}))
-        self.max_moves = max_moves
+        self.max_moves = max_moves if max_moves is not None else 16 * num_slots
         self.heads = tuple(heads)
         enable_compile_cache()
         self._step = build_step(model.config, attention_function(attention_impl), topk=topk)

@@ -20,25 +20,47 @@ A request's life:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Segment
+from adaserve_jax.engine.batch import Move, Segment
 from adaserve_jax.engine.kv_alloc import SlotAllocator
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_path
+from adaserve_jax.scheduler.policy import Policy, PolicyKind, fixed_selection, parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 
 TokenCallback = Callable[[RequestState, list[int]], None]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepRecord:
+    seconds: float  # wall time of the iteration
+    tokens: int  # target tokens verified / prefilled
+    decode_requests: int
+    accepted: int  # drafted tokens accepted (bonus tokens not counted)
+
+
 class StepEngine(Protocol):
     num_slots: int
     max_len: int
+    has_draft: bool
 
-    def forward(self, segments: list[Segment]) -> tuple[np.ndarray, tuple[int, ...]]:
-        """Run the target on the segments; returns (sampled next token per token, offsets)."""
+    def forward(
+        self, segments: list[Segment], moves: list[Move]
+    ) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Run the target; returns (sampled token per batch token, segment offsets)."""
+        ...
+
+    def draft_step(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Run the draft; returns (top-k log-probs [n,k], top-k tokens [n,k], offsets)."""
+        ...
+
+    def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
+        """Grow candidate trees for every slot (row s = slot s)."""
         ...
 
 
@@ -47,7 +69,9 @@ class Scheduler:
         self,
         engine: StepEngine,
         *,
+        policy: Policy | str = "autoregressive",
         token_budget: int = 256,
+        prefill_chunk: int = 64,
         eos_id: int | None = None,
         decode_text: Callable[[list[int]], str] | None = None,
         on_tokens: TokenCallback | None = None,
@@ -57,7 +81,11 @@ class Scheduler:
         if token_budget < 1:
             raise ValueError(f"{token_budget=} must be >= 1")
         self.engine = engine
+        self.policy = parse_policy(policy) if isinstance(policy, str) else policy
+        if self.policy.speculative and not engine.has_draft:
+            raise ValueError(f"policy {self.policy.name!r} needs a draft model")
         self.token_budget = token_budget
+        self.prefill_chunk = prefill_chunk
         self.eos_id = eos_id
         self.decode_text = decode_text
         self.on_tokens = on_tokens
@@ -67,6 +95,8 @@ class Scheduler:
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.running: list[RequestState] = []
         self.iterations = 0
+        self.step_log: list[StepRecord] = []
+        self._moves: list[Move] = []
 
     # ---- public ----------------------------------------------------------------------
     def submit(self, request: Request) -> RequestState:
@@ -96,35 +126,127 @@ class Scheduler:
             self.step()
 
     def step(self) -> None:
-        """One iteration: admit, plan one flat batch, run it, commit the results."""
+        """One iteration: admit, plan one flat batch, (speculate,) run it, commit the results."""
+        t0 = self.clock()
         self._admit()
         if not self.running:
             return
         decode = [r for r in self.running if r.phase is Phase.DECODE]
-        segments: list[Segment] = [
-            Segment.chain(r.slot, r.cached, [r.pending_token], r.request.sampling) for r in decode
+        spec = self.policy.speculative and bool(decode)
+        prefill = self._plan_prefill(budget=self.token_budget - self._decode_reserve(len(decode)))
+        prefill_segs = [
+            Segment.chain(
+                r.slot, r.cached, r.request.prompt_ids[r.cached : r.cached + n], r.request.sampling
+            )
+            for r, n in prefill
         ]
-        budget = self.token_budget - len(segments)
-        prefill: list[tuple[RequestState, int]] = []
-        for r in self.running:
-            if r.phase is not Phase.PREFILL or budget <= 0:
-                continue
-            n = min(r.prompt_len - r.cached, budget)
-            chunk = r.request.prompt_ids[r.cached : r.cached + n]
-            segments.append(Segment.chain(r.slot, r.cached, chunk, r.request.sampling))
-            prefill.append((r, n))
-            budget -= n
-        sampled, offsets = self.engine.forward(segments)
+        if spec:
+            decode_segs, trees = self._speculate(decode, prefill_segs)
+        else:
+            decode_segs = [
+                Segment.chain(r.slot, r.cached, [r.pending_token], r.request.sampling)
+                for r in decode
+            ]
+            if prefill_segs and self.engine.has_draft and self.policy.speculative:
+                self.engine.draft_step(prefill_segs)  # keep the draft's prefill in step
+                for r, n in prefill:
+                    r.draft_cached = r.cached + n
+        moves, self._moves = self._moves, []
+        sampled, offsets = self.engine.forward(decode_segs + prefill_segs, moves)
         now = self.clock()
-        for r, off in zip(decode, offsets, strict=False):
-            r.cached += 1
-            self._emit(r, [int(sampled[off])], now)
+        accepted = 0
+        for r, seg, off in zip(decode, decode_segs, offsets, strict=False):
+            if spec:
+                accepted += self._commit_tree(r, seg, sampled[off : off + len(seg)], now)
+            else:
+                r.cached += 1
+                self._emit(r, [int(sampled[off])], now)
         for (r, n), off in zip(prefill, offsets[len(decode) :], strict=True):
             r.cached += n
             if r.cached == r.prompt_len:
                 r.phase = Phase.DECODE
                 self._emit(r, [int(sampled[off + n - 1])], now)
         self.iterations += 1
+        self.step_log.append(
+            StepRecord(
+                seconds=now - t0,
+                tokens=sum(len(s) for s in decode_segs + prefill_segs),
+                decode_requests=len(decode),
+                accepted=accepted,
+            )
+        )
+
+    def _decode_reserve(self, n_decode: int) -> int:
+        """Budget kept for decoding requests before prefill chunks are planned."""
+        if self.policy.shape is None or self.policy.kind is PolicyKind.ADASERVE:
+            return n_decode
+        return n_decode * (1 + self.policy.shape.depth * self.policy.shape.width)
+
+    def _plan_prefill(self, budget: int) -> list[tuple[RequestState, int]]:
+        plan = []
+        if self.policy.kind is PolicyKind.SARATHI:
+            budget = min(budget, self.prefill_chunk)
+        for r in self.running:
+            if r.phase is not Phase.PREFILL or budget <= 0:
+                continue
+            n = min(r.prompt_len - r.cached, budget)
+            plan.append((r, n))
+            budget -= n
+        return plan
+
+    def _speculate(self, decode: list[RequestState], prefill_segs: list[Segment]):
+        """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments."""
+        shape = self.policy.shape
+        draft_segs = [
+            Segment.chain(r.slot, r.draft_cached, r.all_tokens()[r.draft_cached : r.cached + 1])
+            for r in decode
+        ]
+        vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
+        s = self.engine.num_slots
+        root_vals = np.zeros((s, vals.shape[1]), np.float32)
+        root_toks = np.zeros((s, vals.shape[1]), np.int32)
+        root_pos = np.zeros(s, np.int32)
+        for r, seg, off in zip(decode, draft_segs, offsets, strict=False):
+            last = off + len(seg) - 1
+            root_vals[r.slot], root_toks[r.slot], root_pos[r.slot] = vals[last], idx[last], r.cached
+            r.draft_cached = r.cached + 1
+        for seg in prefill_segs:
+            owner = next(r for r in self.running if r.slot == seg.slot)
+            owner.draft_cached = seg.ctx_len + len(seg)
+        trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
+        if self.policy.kind is PolicyKind.ADASERVE:
+            raise NotImplementedError("adaserve selection is wired in with the scheduler issue")
+        else:
+            selections = [fixed_selection(trees, r.slot, shape) for r in decode]
+        segs = []
+        for r, sel in zip(decode, selections, strict=True):
+            row = r.slot
+            remap = {int(n): i for i, n in enumerate(sel)}
+            parents = np.array(
+                [-1] + [remap[int(trees.parents[row, n])] for n in sel[1:]], np.int32
+            )
+            tokens = np.concatenate([[r.pending_token], trees.tokens[row, sel[1:]]]).astype(
+                np.int32
+            )
+            segs.append(Segment(r.slot, r.cached, tokens, parents, r.request.sampling))
+            r.stats.drafted += trees.tokens.shape[1] - 1
+            r.stats.selected += len(sel) - 1
+        return segs, trees
+
+    def _commit_tree(self, r: RequestState, seg: Segment, target: np.ndarray, now: float) -> int:
+        """Acceptance walk for one verified tree; queue KV compaction; emit tokens."""
+        path, emitted = accept_path(seg.parents, seg.tokens, target)
+        base = r.cached
+        for i, node in enumerate(path, start=1):
+            if node != i:
+                self._moves.append(Move(r.slot, base + node, base + i))
+        r.cached += 1 + len(path)
+        r.stats.steps += 1
+        r.stats.accepted += len(path)
+        self._emit(r, emitted, now)
+        if r.phase is Phase.DONE:
+            self._moves = [m for m in self._moves if m.slot != r.slot]
+        return len(path)
 
     # ---- internals -------------------------------------------------------------------
     def _admit(self) -> None:

@@ -1,0 +1,76 @@
+"""Speculation trees on the host (numpy only): shapes, drafted trees, the acceptance walk.
+
+`accept_path` is the lossless acceptance walk (DESIGN.md §1): starting at the
+root, the target's own token at a node (greedy argmax, or a draw keyed by
+(seed, position)) is compared with the node's drafted children; a match
+descends, a miss ends the walk, and the target's token is emitted either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def tree_size(depth: int, width: int, topk: int) -> int:
+    """Nodes of a drafted tree: root + k depth-1 candidates + w*k per further depth."""
+    return 1 + topk + (depth - 1) * width * topk
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TreeShape:
+    depth: int
+    width: int
+    topk: int
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.width < 1 or self.topk < self.width:
+            raise ValueError(f"invalid tree shape {self}: need depth >= 1, 1 <= width <= topk")
+
+    @property
+    def num_nodes(self) -> int:
+        return tree_size(self.depth, self.width, self.topk)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DraftTrees:
+    """Candidate trees for all slots: tokens/parents i32[S, N], log_f f32[S, N], depth i32[S, N]."""
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    log_f: np.ndarray
+    depth: np.ndarray
+
+
+def tree_depths(parents: np.ndarray) -> np.ndarray:
+    """i32[..., N] node depths from parents (parents[..., i] < i, root -1)."""
+    depth = np.zeros(parents.shape, np.int32)
+    for i in range(1, parents.shape[-1]):
+        depth[..., i] = (
+            np.take_along_axis(depth, np.maximum(parents[..., i : i + 1], 0), -1)[..., 0] + 1
+        )
+    return depth
+
+
+def accept_path(
+    parents: np.ndarray, tokens: np.ndarray, target_tokens: np.ndarray
+) -> tuple[list[int], list[int]]:
+    """Acceptance walk over one verified tree.
+
+    parents/tokens i32[n] (node 0 = root), target_tokens i32[n] = the target's token
+    produced at each node. Returns (accepted node indices after the root, emitted tokens):
+    the emitted tokens are the accepted nodes' tokens followed by the bonus token.
+    """
+    children: dict[int, list[int]] = {}
+    for i in range(1, len(parents)):
+        children.setdefault(int(parents[i]), []).append(i)
+    node, path, emitted = 0, [], []
+    while True:
+        want = int(target_tokens[node])
+        emitted.append(want)
+        nxt = next((c for c in children.get(node, ()) if int(tokens[c]) == want), None)
+        if nxt is None:
+            return path, emitted
+        path.append(nxt)
+        node = nxt

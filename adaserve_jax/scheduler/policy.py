@@ -1,0 +1,85 @@
+"""Scheduling policies behind one interface (numpy only).
+
+autoregressive   vLLM-style continuous batching: one token per request per step,
+                 waiting prompts prefilled whole (up to the largest token bucket)
+sarathi          chunked prefill under a fixed per-step token budget, no speculation
+spec:N           every request verifies a chain of N drafted tokens (vLLM-Spec(N))
+tree:D,W         every request verifies a fixed beam tree of depth D, width W
+                 (root + the top-W nodes of every depth; SpecInfer-like)
+adaserve         SLO-customized selection from a drafted candidate tree
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+import numpy as np
+
+from adaserve_jax.engine.tree import DraftTrees, TreeShape
+
+
+class PolicyKind(enum.Enum):
+    AUTOREGRESSIVE = "autoregressive"
+    SARATHI = "sarathi"
+    SPEC = "spec"
+    TREE = "tree"
+    ADASERVE = "adaserve"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    kind: PolicyKind
+    shape: TreeShape | None = None  # drafted candidate tree (speculative policies)
+
+    @property
+    def speculative(self) -> bool:
+        return self.shape is not None
+
+
+ADASERVE_SHAPE = TreeShape(depth=4, width=2, topk=2)
+_SPEC = re.compile(r"spec:(\d+)$")
+_TREE = re.compile(r"tree:(\d+),(\d+)$")
+
+
+def parse_policy(name: str, *, adaserve_shape: TreeShape = ADASERVE_SHAPE) -> Policy:
+    """Parse a policy name; ValueError for unknown names or bad shapes."""
+    if not isinstance(name, str):
+        raise ValueError(f"policy must be a str, got {type(name).__name__}")
+    if name == "autoregressive":
+        return Policy(name, PolicyKind.AUTOREGRESSIVE)
+    if name == "sarathi":
+        return Policy(name, PolicyKind.SARATHI)
+    if name == "adaserve":
+        return Policy(name, PolicyKind.ADASERVE, adaserve_shape)
+    if m := _SPEC.match(name):
+        n = int(m.group(1))
+        if not 1 <= n <= 16:
+            raise ValueError(f"policy {name!r}: N must be in [1, 16]")
+        return Policy(name, PolicyKind.SPEC, TreeShape(n, 1, 1))
+    if m := _TREE.match(name):
+        d, w = int(m.group(1)), int(m.group(2))
+        if not (1 <= d <= 16 and 1 <= w <= 8):
+            raise ValueError(f"policy {name!r}: need 1 <= D <= 16 and 1 <= W <= 8")
+        return Policy(name, PolicyKind.TREE, TreeShape(d, w, w))
+    raise ValueError(
+        f"unknown policy {name!r}; expected autoregressive, sarathi, spec:N, tree:D,W or adaserve"
+    )
+
+
+def fixed_selection(trees: DraftTrees, row: int, shape: TreeShape) -> np.ndarray:
+    """Nodes a fixed policy verifies for slot `row`: root + top-`width` nodes of every depth.
+
+    For a chain (width 1, topk 1) that is the whole chain. Ties go to the lower index,
+    as `lax.top_k` breaks them in the expansion, so the picks are the expanded frontier.
+    """
+    depth = trees.depth[row]
+    log_f = trees.log_f[row]
+    picked = [np.array([0])]
+    for d in range(1, shape.depth + 1):
+        nodes = np.flatnonzero(depth == d)
+        order = np.argsort(-log_f[nodes], kind="stable")[: shape.width]
+        picked.append(np.sort(nodes[order]))
+    return np.concatenate(picked)

@@ -1,0 +1,120 @@
+"""Draft tree expansion: `d - 1` beam-style draft steps inside one compiled call.
+
+The roots' top-k children come from a normal flat step on the draft (head
+"topk"), which also writes the roots (and any catch-up tokens) to the draft KV
+cache. This call then grows every request's tree breadth-first: at each depth
+it keeps the top-`w` candidates by path log-probability `log f` as the frontier,
+runs the draft on them, and adds each frontier node's top-`k` children as the
+next depth's candidates. Tree nodes' K/V live in a per-call buffer, never in
+the draft cache, so rejected speculation never needs cleaning up.
+
+Tree layout per request (N = 1 + k + (d - 1) * w * k nodes):
+    node 0            the root (its token is filled in by the host)
+    nodes 1 .. k      depth-1 candidates (children of the root)
+    then per depth j = 2..d: w * k candidates, children of depth j-1's frontier
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from adaserve_jax.model.config import ModelConfig
+from adaserve_jax.model.llama import Transformer
+
+
+def _expansion_attention(q, k, v, kc, vc, kbuf, vbuf, slot, ctx_len, anc, attended_len):
+    """q [R,W,H,D], k/v [R,W,K,D] (already in kbuf/vbuf), cache [S,L,K,D], buf [R,Bn,K,D]."""
+    r, w, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qg = q.reshape(r, w, kvh, g, d) / jnp.sqrt(jnp.float32(d))  # [R, W, K, G, D]
+    kctx = jnp.take(kc[:, :attended_len], slot, axis=0)  # [R, L, K, D]
+    vctx = jnp.take(vc[:, :attended_len], slot, axis=0)
+    s_ctx = jnp.einsum("RWKGD,RLKD->RWKGL", qg, kctx)
+    ctx_ok = jnp.arange(attended_len)[None, :] < ctx_len[:, None]  # [R, L]
+    s_ctx = jnp.where(ctx_ok[:, None, None, None, :], s_ctx, -jnp.inf)
+    s_buf = jnp.einsum("RWKGD,RBKD->RWKGB", qg, kbuf)
+    s_buf = jnp.where(anc[:, :, None, None, :], s_buf, -jnp.inf)  # anc bool[R, W, Bn]
+    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_buf], axis=-1), axis=-1)
+    out = jnp.einsum("RWKGL,RLKD->RWKGD", probs[..., :attended_len], vctx) + jnp.einsum(
+        "RWKGB,RBKD->RWKGD", probs[..., attended_len:], vbuf
+    )
+    return out.reshape(r, w, h, d)
+
+
+def build_expand(cfg: ModelConfig):
+    """expand(params, caches, root_vals f32[R,k], root_toks i32[R,k], slot i32[R],
+    root_pos i32[R], *, depth, width, attended_len) -> (tokens, parents, log_f) [R, N]."""
+    model = Transformer(cfg)
+
+    @functools.partial(jax.jit, static_argnames=("depth", "width", "attended_len"))
+    def expand(params, caches, root_vals, root_toks, slot, root_pos, *, depth, width, attended_len):
+        r, k = root_vals.shape
+        s_count = caches[0][0].shape[0]
+        slot = jnp.clip(slot, 0, s_count - 1)
+        nbuf = max((depth - 1) * width, 1)
+        buf_shape = (r, nbuf, cfg.num_kv_heads, cfg.head_dim)
+        bufs = [(jnp.zeros(buf_shape), jnp.zeros(buf_shape)) for _ in range(cfg.num_layers)]
+        rows = jnp.arange(r)[:, None]
+        ctx_len = root_pos + 1  # the root's own row is committed by the preceding flat step
+
+        tokens = [jnp.zeros((r, 1), jnp.int32), root_toks]
+        parents = [jnp.full((r, 1), -1, jnp.int32), jnp.zeros((r, k), jnp.int32)]
+        log_f = [jnp.zeros((r, 1), jnp.float32), root_vals]
+        cand_tok, cand_logf = root_toks, root_vals  # [R, C]
+        cand_node = 1 + jnp.broadcast_to(jnp.arange(k), (r, k))  # tree index of each candidate
+        cand_parent_slot = jnp.full((r, k), -1)  # frontier slot (in the buffer) of the parent
+        anc = jnp.zeros((r, width, nbuf), bool)
+        next_index = 1 + k
+        for j in range(1, depth):
+            f_logf, pick = jax.lax.top_k(cand_logf, width)  # [R, W]
+            f_tok = jnp.take_along_axis(cand_tok, pick, axis=1)
+            f_node = jnp.take_along_axis(cand_node, pick, axis=1)
+            f_pslot = jnp.take_along_axis(cand_parent_slot, pick, axis=1)  # [R, W]
+            base = (j - 1) * width
+            own = jax.nn.one_hot(base + jnp.arange(width), nbuf, dtype=bool)  # [W, Bn]
+            parent_anc = jnp.where(
+                (f_pslot >= 0)[..., None],
+                anc[rows, jnp.clip(f_pslot - (base - width), 0, width - 1)],
+                False,
+            )
+            anc = parent_anc | own[None]
+
+            def attention_fn(layer, q, kk, vv, cache, base=base, anc=anc):
+                kc, vc, kb, vb = cache
+                kb = jax.lax.dynamic_update_slice_in_dim(kb, kk, base, axis=1)
+                vb = jax.lax.dynamic_update_slice_in_dim(vb, vv, base, axis=1)
+                out = _expansion_attention(
+                    q, kk, vv, kc, vc, kb, vb, slot, ctx_len, anc, attended_len
+                )
+                return out, (kc, vc, kb, vb)
+
+            positions = jnp.broadcast_to((root_pos + j)[:, None], (r, width))
+            layer_caches = [
+                (kc, vc, kb, vb) for (kc, vc), (kb, vb) in zip(caches, bufs, strict=True)
+            ]
+            logits, new = model.apply(
+                {"params": params}, f_tok, positions, attention_fn, layer_caches
+            )
+            bufs = [(c[2], c[3]) for c in new]
+            logp = jax.nn.log_softmax(logits, axis=-1)  # [R, W, V]
+            vals, idx = jax.lax.top_k(logp, k)  # [R, W, k]
+            child_logf = (f_logf[..., None] + vals).reshape(r, width * k)
+            child_tok = idx.reshape(r, width * k).astype(jnp.int32)
+            tokens.append(child_tok)
+            parents.append(jnp.repeat(f_node, k, axis=1).astype(jnp.int32))
+            log_f.append(child_logf)
+            cand_tok, cand_logf = child_tok, child_logf
+            cand_node = next_index + jnp.broadcast_to(jnp.arange(width * k), (r, width * k))
+            cand_parent_slot = jnp.repeat(base + jnp.arange(width), k)[None].repeat(r, 0)
+            next_index += width * k
+        return (
+            jnp.concatenate(tokens, axis=1),
+            jnp.concatenate(parents, axis=1),
+            jnp.concatenate(log_f, axis=1),
+        )
+
+    return expand
