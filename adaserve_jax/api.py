@@ -7,6 +7,7 @@ validates every input on the host before any device work.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,12 @@ from adaserve_jax.model.loader import Model
 from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.policy import Policy, parse_policy
 from adaserve_jax.scheduler.request import Request, RequestStats
+from adaserve_jax.scheduler.service import RequestHandle, ServingLoop
+
+
+# TPOT SLO of each category as a multiple of the engine's baseline TPOT (DESIGN.md §5:
+# the paper's 1.2x, 50 ms and 150 ms over a 30 ms baseline).
+SLO_CATEGORIES = {"coding": 1.2, "chat": 50.0 / 30.0, "summarization": 5.0}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,7 +53,9 @@ class Engine:
         token_budget: int | None = None,
         token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
         ctx_buckets: Sequence[int] | None = None,
+        policy: str = "autoregressive",
         policies: Sequence[str] = (),
+        max_queue: int = 1024,
         warmup: bool = True,
         progress: bool = True,
     ) -> None:
@@ -78,6 +87,13 @@ class Engine:
         self.num_slots = max_batch
         self.max_len = max_len
         self.has_draft = draft is not None
+        self._ids = itertools.count()
+        # Single-request autoregressive TPOT at near-zero load; the profiler measures it.
+        self.baseline_tpot_ms: float = 30.0
+        self.policy = parse_policy(policy)
+        self.max_queue = max_queue
+        self._service: ServingLoop | None = None
+        policies = [policy, *policies]
         shapes = [p.shape for p in map(parse_policy, policies) if p.shape is not None]
         if shapes and draft is None:
             raise ValueError(f"speculative policies {list(policies)} need a draft model")
@@ -145,6 +161,8 @@ class Engine:
         stop: Sequence[str] = (),
     ) -> list[GenerationOutput]:
         """Generate for all prompts together (continuous batching); blocks until done."""
+        if self._service is not None:
+            raise RuntimeError("the serving loop owns the device: use Engine.submit")
         pol = parse_policy(policy)
         if pol.speculative and self.draft is None:
             raise ValueError(f"policy {policy!r} needs a draft model (Engine(target, draft))")
@@ -162,6 +180,62 @@ class Engine:
         states = [sched.submit(r) for r in requests]  # validates every request first
         sched.run_until_done()
         return [self._output(s) for s in states]
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int,
+        request_id: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        tpot_slo_ms: float | None = None,
+        ttft_slo_ms: float | None = None,
+        category: str | None = None,
+    ) -> Request:
+        """Validate and tokenize one request (ValueError naming the field on bad input)."""
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise ValueError(f"max_tokens={max_tokens} must be a positive int")
+        ids = self.encode_prompt(prompt)
+        seed = int(np.random.randint(0, 2**31)) if seed is None else seed
+        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        rid = request_id or f"req-{next(self._ids)}"
+        if category is not None and tpot_slo_ms is None:
+            tpot_slo_ms = self.category_slo_ms(category)
+        req = Request(
+            rid, tuple(ids), max_tokens, sampling, tpot_slo_ms, ttft_slo_ms, category, tuple(stop)
+        )
+        need = len(ids) + max_tokens
+        if need > self.max_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {need} exceeds the "
+                f"context of {self.max_len} tokens"
+            )
+        return req
+
+    def category_slo_ms(self, category: str) -> float:
+        """TPOT SLO (ms) of a category name: its multiple of `baseline_tpot_ms`."""
+        if category not in SLO_CATEGORIES:
+            raise ValueError(
+                f"unknown SLO category {category!r}; expected one of {list(SLO_CATEGORIES)}"
+            )
+        return SLO_CATEGORIES[category] * self.baseline_tpot_ms
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request on the background serving loop; returns a streaming handle."""
+        if self._service is None:
+            self._service = ServingLoop(self._scheduler(self.policy), max_queue=self.max_queue)
+        return self._service.submit(request)
+
+    @property
+    def service(self) -> ServingLoop | None:
+        return self._service
+
+    def output(self, state) -> GenerationOutput:
+        return self._output(state)
 
     def _scheduler(self, policy: Policy | str = "autoregressive", **kwargs) -> Scheduler:
         cfg = self.target_model.config

@@ -99,7 +99,8 @@ class Scheduler:
         self._moves: list[Move] = []
 
     # ---- public ----------------------------------------------------------------------
-    def submit(self, request: Request) -> RequestState:
+    def check(self, request: Request) -> None:
+        """ValueError if the request can never run on this engine."""
         need = len(request.prompt_ids) + request.max_tokens
         if need > self.engine.max_len:
             raise ValueError(
@@ -107,6 +108,9 @@ class Scheduler:
                 f"max_tokens ({request.max_tokens}) = {need} exceeds the context of "
                 f"{self.engine.max_len} tokens"
             )
+
+    def submit(self, request: Request) -> RequestState:
+        self.check(request)
         state = RequestState(request, arrival=self.clock())
         self.waiting.append(state)
         return state
@@ -117,6 +121,10 @@ class Scheduler:
         if state in self.waiting:
             self.waiting.remove(state)
         self._finish(state, FinishReason.CANCELLED)
+
+    def fail(self, state: RequestState) -> None:
+        """Finish a request with an error (its slot is freed)."""
+        self._finish(state, FinishReason.ERROR)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -244,8 +252,6 @@ class Scheduler:
         r.stats.steps += 1
         r.stats.accepted += len(path)
         self._emit(r, emitted, now)
-        if r.phase is Phase.DONE:
-            self._moves = [m for m in self._moves if m.slot != r.slot]
         return len(path)
 
     # ---- internals -------------------------------------------------------------------
@@ -287,5 +293,6 @@ class Scheduler:
         if r in self.running:
             self.running.remove(r)
             self.alloc.free(r.slot)
+            self._moves = [m for m in self._moves if m.slot != r.slot]
         if self.on_finish is not None:
             self.on_finish(r)
