@@ -22,7 +22,6 @@ from adaserve_jax.scheduler.policy import Policy, parse_policy
 from adaserve_jax.scheduler.request import Request, RequestStats
 from adaserve_jax.scheduler.service import RequestHandle, ServingLoop
 
-
 # TPOT SLO of each category as a multiple of the engine's baseline TPOT (DESIGN.md §5:
 # the paper's 1.2x, 50 ms and 150 ms over a 30 ms baseline).
 SLO_CATEGORIES = {"coding": 1.2, "chat": 50.0 / 30.0, "summarization": 5.0}
