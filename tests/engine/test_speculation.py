@@ -81,7 +81,8 @@ def test_any_tree_verifies_losslessly_and_compacts(tiny_engine, tree, prompt_len
         depth[i] = depth[parents[i]] + 1
     # tokens: the true continuation where the coin says so, noise elsewhere
     tokens = np.array(
-        [ref[0]] + [ref[d] if ok else x for d, ok, x in zip(depth[1:], on_path[1:], noise[1:])],
+        [ref[0]]
+        + [ref[d] if ok else x for d, ok, x in zip(depth[1:], on_path[1:], noise[1:], strict=True)],
         np.int32,
     )
     eng = tiny_engine
