@@ -14,11 +14,13 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Move, SamplingParams, Segment
 from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
+from adaserve_jax.engine.profiler import Profile, load_or_measure
 from adaserve_jax.engine.speculation import DraftDevice
 from adaserve_jax.engine.tree import DraftTrees, TreeShape
 from adaserve_jax.model.loader import Model
+from adaserve_jax.scheduler.budget import LatencyProfile
 from adaserve_jax.scheduler.loop import Scheduler
-from adaserve_jax.scheduler.policy import Policy, parse_policy
+from adaserve_jax.scheduler.policy import Policy, PolicyKind, parse_policy
 from adaserve_jax.scheduler.request import Request, RequestStats
 from adaserve_jax.scheduler.service import RequestHandle, ServingLoop
 
@@ -55,6 +57,8 @@ class Engine:
         policy: str = "autoregressive",
         policies: Sequence[str] = (),
         max_queue: int = 1024,
+        profile: bool | None = None,
+        reprofile: bool = False,
         warmup: bool = True,
         progress: bool = True,
     ) -> None:
@@ -107,10 +111,25 @@ class Engine:
                 token_buckets=token_buckets,
                 ctx_buckets=ctx_buckets,
             )
+        if max_batch > token_budget:
+            raise ValueError(f"{max_batch=} exceeds {token_budget=}: every request needs its root")
+        self.latency_profile: LatencyProfile | None = None
         if warmup:
             self.target.warmup(progress=progress)
             if self.draft is not None:
                 self.draft.warmup(progress=progress)
+        wants_profile = any(parse_policy(p).kind is PolicyKind.ADASERVE for p in policies)
+        if profile or (profile is None and warmup and wants_profile):
+            self.run_profile(reprofile=reprofile, progress=progress)
+
+    def run_profile(self, reprofile: bool = False, progress: bool = True) -> Profile:
+        """Load or measure the latency profile; sets `latency_profile` and `baseline_tpot_ms`."""
+        draft = self.draft.device if self.draft is not None else None
+        prof, path = load_or_measure(self.target, draft, reprofile=reprofile, progress=progress)
+        self.latency_profile = LatencyProfile.from_tables(prof.verify_ms, prof.draft_ms)
+        self.baseline_tpot_ms = prof.baseline_tpot_ms
+        self.profile_path = path
+        return prof
 
     def compile_count(self) -> int:
         """Compiled step variants of target and draft (grows only if something retraces)."""
@@ -243,6 +262,7 @@ class Engine:
             self,
             policy=policy,
             token_budget=self.token_budget,
+            profile=self.latency_profile,
             eos_id=cfg.eos_token_id,
             decode_text=decode,
             **kwargs,

@@ -30,8 +30,18 @@ import numpy as np
 from adaserve_jax.engine.batch import Move, Segment
 from adaserve_jax.engine.kv_alloc import SlotAllocator
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_path
+from adaserve_jax.scheduler.budget import (
+    AcceptanceModel,
+    GeometricAcceptance,
+    LatencyProfile,
+    choose_budget,
+)
 from adaserve_jax.scheduler.policy import Policy, PolicyKind, fixed_selection, parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
+from adaserve_jax.scheduler.selector import SelectionInput, select
+from adaserve_jax.scheduler.tree_shape import TreeShapeConfig
+
+NO_SLO_MS = 1e9  # requests without a TPOT SLO are never behind
 
 TokenCallback = Callable[[RequestState, list[int]], None]
 
@@ -42,6 +52,7 @@ class StepRecord:
     tokens: int  # target tokens verified / prefilled
     decode_requests: int
     accepted: int  # drafted tokens accepted (bonus tokens not counted)
+    select_seconds: float = 0.0  # host time in budget choice + selection
 
 
 class StepEngine(Protocol):
@@ -77,6 +88,8 @@ class Scheduler:
         on_tokens: TokenCallback | None = None,
         on_finish: Callable[[RequestState], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        profile: LatencyProfile | None = None,
+        acceptance: AcceptanceModel | None = None,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"{token_budget=} must be >= 1")
@@ -86,6 +99,11 @@ class Scheduler:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
         self.token_budget = token_budget
         self.prefill_chunk = prefill_chunk
+        self.profile = profile
+        self.acceptance = acceptance or GeometricAcceptance(0.6)
+        self._acc_samples: collections.deque = collections.deque(maxlen=256)
+        self._select_seconds = 0.0
+        self._prefill_tokens = 0
         self.eos_id = eos_id
         self.decode_text = decode_text
         self.on_tokens = on_tokens
@@ -141,7 +159,9 @@ class Scheduler:
             return
         decode = [r for r in self.running if r.phase is Phase.DECODE]
         spec = self.policy.speculative and bool(decode)
+        self._select_seconds = 0.0
         prefill = self._plan_prefill(budget=self.token_budget - self._decode_reserve(len(decode)))
+        self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
             Segment.chain(
                 r.slot, r.cached, r.request.prompt_ids[r.cached : r.cached + n], r.request.sampling
@@ -181,6 +201,7 @@ class Scheduler:
                 tokens=sum(len(s) for s in decode_segs + prefill_segs),
                 decode_requests=len(decode),
                 accepted=accepted,
+                select_seconds=self._select_seconds,
             )
         )
 
@@ -223,7 +244,7 @@ class Scheduler:
             owner.draft_cached = seg.ctx_len + len(seg)
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
         if self.policy.kind is PolicyKind.ADASERVE:
-            raise NotImplementedError("adaserve selection is wired in with the scheduler issue")
+            selections = self._adaserve_select(decode, trees)
         else:
             selections = [fixed_selection(trees, r.slot, shape) for r in decode]
         segs = []
@@ -241,6 +262,46 @@ class Scheduler:
             r.stats.selected += len(sel) - 1
         return segs, trees
 
+    def _adaserve_select(self, decode: list[RequestState], trees: DraftTrees) -> list[np.ndarray]:
+        """Budget from the latency profile (budget.py), then the two-phase selector."""
+        t0 = time.perf_counter()
+        shape = self.policy.shape
+        n = len(decode)
+        now = self.clock()
+        slos = np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in decode])
+        avail = max(self.token_budget - self._prefill_tokens, n)
+        budget, t_iter = avail, 0.0
+        if self.profile is not None:
+            cfg = TreeShapeConfig(
+                verify_budget=self.token_budget, draft_budget=1 << 20, min_depth=shape.depth,
+                max_depth=shape.depth, max_width=shape.width,
+            )  # fmt: skip
+            choice = choose_budget(self.profile, n, self.acceptance, slos, shape=cfg)
+            budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
+        rows = np.array([r.slot for r in decode])
+        num_nodes = trees.tokens.shape[1]
+        sel = select(
+            SelectionInput(
+                parents=trees.parents[rows],
+                log_f=trees.log_f[rows],
+                num_nodes=np.full(n, num_nodes),
+                decoded=np.array([max(len(r.output) - 1, 0) for r in decode]),
+                elapsed_s=np.array([now - (r.first_token_time or now) for r in decode]),
+                tpot_slo_s=slos,
+                budget=int(budget),
+                t_iter_s=float(t_iter),
+                max_depth=shape.depth,
+            )
+        )
+        self._select_seconds += time.perf_counter() - t0
+        return list(sel.nodes)
+
+    def _observe_acceptance(self, verified: int, accepted: int) -> None:
+        self._acc_samples.append((verified, accepted + 1))
+        if len(self._acc_samples) >= 16 and self.iterations % 32 == 0:
+            k, a = zip(*self._acc_samples, strict=True)
+            self.acceptance = GeometricAcceptance.fit(k, a)
+
     def _commit_tree(self, r: RequestState, seg: Segment, target: np.ndarray, now: float) -> int:
         """Acceptance walk for one verified tree; queue KV compaction; emit tokens."""
         path, emitted = accept_path(seg.parents, seg.tokens, target)
@@ -249,6 +310,7 @@ class Scheduler:
             if node != i:
                 self._moves.append(Move(r.slot, base + node, base + i))
         r.cached += 1 + len(path)
+        self._observe_acceptance(len(seg), len(path))
         r.stats.steps += 1
         r.stats.accepted += len(path)
         self._emit(r, emitted, now)

@@ -20,7 +20,9 @@ def spec_engines(tiny_model):
     dcfg = ModelConfig.tiny(vocab_size=256, num_layers=1, eos_token_id=None)
     params = jax.tree.map(lambda x: np.asarray(x) * 6.0 if x.ndim == 2 else x, init_params(dcfg, 2))
     other = Model(dcfg, params)
-    kw = dict(max_batch=3, progress=False, policies=("spec:3", "tree:3,2"), **TINY_BUCKETS)
+    kw = dict(
+        max_batch=3, progress=False, policies=("spec:3", "tree:3,2", "adaserve"), **TINY_BUCKETS
+    )
     return {"self": Engine(tiny_model, tiny_model, **kw), "other": Engine(tiny_model, other, **kw)}
 
 
@@ -29,7 +31,7 @@ SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.9, seed=5)
 
 
 @pytest.mark.parametrize("draft", ["self", "other"])
-@pytest.mark.parametrize("policy", ["spec:3", "tree:3,2"])
+@pytest.mark.parametrize("policy", ["spec:3", "tree:3,2", "adaserve"])
 @pytest.mark.parametrize("sampling", [{}, SAMPLED], ids=["greedy", "sampled"])
 def test_policies_are_token_identical_to_autoregressive(spec_engines, draft, policy, sampling):
     engine = spec_engines[draft]

@@ -1,0 +1,143 @@
+"""Start-up latency profile: verify-step latency per token bucket, draft-step latency.
+
+Measured on this machine with the engine's own compiled steps (a chain of T tokens
+on top of `context` committed rows; median of `repeats`), then cached as JSON under
+`~/.cache/adaserve_jax/profiles/` keyed by machine + model + buckets, so a restart
+reuses it (`reprofile=True` measures again). Results are plain tables
+(`Profile`); the Engine turns them into the scheduler's `LatencyProfile` for the
+budget rule (scheduler/budget.py). The baseline TPOT (single-request
+autoregressive time per token at near-zero load) scales the SLO categories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from adaserve_jax.engine.batch import Segment
+from adaserve_jax.engine.device import DeviceModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Profile:
+    verify_ms: dict[int, float]  # verify (target) step latency per token bucket
+    draft_ms: dict[int, float] | None  # draft step latency per token bucket
+    baseline_tpot_ms: float  # single-request autoregressive step: the baseline TPOT
+
+    def to_json(self) -> dict:
+        return {
+            "verify_ms": {str(k): v for k, v in self.verify_ms.items()},
+            "draft_ms": None
+            if self.draft_ms is None
+            else {str(k): v for k, v in self.draft_ms.items()},
+            "baseline_tpot_ms": self.baseline_tpot_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Profile:
+        draft = data.get("draft_ms")
+        return cls(
+            {int(k): float(v) for k, v in data["verify_ms"].items()},
+            None if draft is None else {int(k): float(v) for k, v in draft.items()},
+            float(data["baseline_tpot_ms"]),
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def profile_key(target: DeviceModel, draft: DeviceModel | None) -> str:
+    parts = {
+        "machine": [platform.node(), _cpu_model(), os.cpu_count()],
+        "target": [target.config.to_dict(), str(target.model.path), target.token_buckets],
+        "draft": None if draft is None else [draft.config.to_dict(), str(draft.model.path)],
+        "impl": target.attention_impl,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _median_ms(dev: DeviceModel, tokens: int, context: int, head: str, repeats: int) -> float:
+    seg = Segment.chain(0, context, [1] * tokens)
+    dev.run([seg], head=head)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dev.run([seg], head=head)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_profile(
+    target: DeviceModel,
+    draft: DeviceModel | None = None,
+    *,
+    context: int = 128,
+    repeats: int = 7,
+    progress: bool = True,
+) -> Profile:
+    """Measure the tables. Uses slot 0 of the caches (call before serving)."""
+    from tqdm import tqdm
+
+    context = min(context, target.max_len - max(target.token_buckets))
+    verify = {}
+    for t in tqdm(target.token_buckets, desc="profile verify step", disable=not progress):
+        verify[t] = _median_ms(target, t, context, "sample", repeats)
+    draft_ms = None
+    if draft is not None:
+        draft_ms = {}
+        for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
+            draft_ms[t] = _median_ms(draft, t, context, "topk", repeats)
+    # monotone envelope: a bigger bucket never costs less than a smaller one
+    running = 0.0
+    for t in sorted(verify):
+        running = verify[t] = max(running, verify[t])
+    if draft_ms:
+        running = 0.0
+        for t in sorted(draft_ms):
+            running = draft_ms[t] = max(running, draft_ms[t])
+    return Profile(verify, draft_ms, verify[min(verify)])
+
+
+def load_or_measure(
+    target: DeviceModel,
+    draft: DeviceModel | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    reprofile: bool = False,
+    progress: bool = True,
+) -> tuple[Profile, Path]:
+    """The cached profile for this machine + model, measuring it when absent."""
+    cache_dir = Path(
+        cache_dir
+        or os.environ.get("ADASERVE_JAX_PROFILES")
+        or Path.home() / ".cache" / "adaserve_jax" / "profiles"
+    )
+    path = cache_dir / f"{profile_key(target, draft)}.json"
+    if path.is_file() and not reprofile:
+        try:
+            return Profile.from_json(json.loads(path.read_text())), path
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable profile %s: %s", path, exc)
+    profile = measure_profile(target, draft, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile.to_json(), indent=2))
+    tmp.replace(path)
+    log.info("latency profile written to %s", path)
+    return profile, path
