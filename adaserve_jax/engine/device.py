@@ -17,6 +17,8 @@ import jax
 import numpy as np
 
 from adaserve_jax.engine.batch import FlatBatch, Move, Segment
+from adaserve_jax.engine.mesh import place_batch, place_caches, place_params, shard_attention
+from adaserve_jax.engine.mesh import validate_model as validate_mesh
 from adaserve_jax.model.loader import Model
 from adaserve_jax.steps.compile_cache import enable_compile_cache
 from adaserve_jax.steps.flat_step import HEADS, build_step, init_caches
@@ -58,7 +60,10 @@ class DeviceModel:
         max_moves: int | None = None,
         heads: Sequence[str] = ("sample",),
         topk: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
+        """`mesh`: a tensor-parallel mesh (`engine/mesh.py`); None = one device."""
+        validate_mesh(model.config, mesh)
         if max_len > model.config.max_seq_len:
             raise ValueError(
                 f"{max_len=} exceeds the model's max_seq_len={model.config.max_seq_len}"
@@ -77,9 +82,11 @@ class DeviceModel:
         self.max_moves = max_moves if max_moves is not None else 16 * num_slots
         self.heads = tuple(heads)
         enable_compile_cache()
-        self._step = build_step(model.config, attention_function(attention_impl), topk=topk)
-        self._params = jax.device_put(model.params)
-        self._caches = init_caches(model.config, num_slots, max_len)
+        self.mesh = mesh
+        attention = shard_attention(attention_function(attention_impl), mesh)
+        self._step = build_step(model.config, attention, topk=topk)
+        self._params = place_params(model.params, model.config, mesh)
+        self._caches = place_caches(init_caches, model.config, num_slots, max_len, mesh)
 
     def compile_count(self) -> int:
         """Number of compiled variants of the step (grows only when something retraces)."""
@@ -127,7 +134,8 @@ class DeviceModel:
         return np.asarray(out)[:n], batch
 
     def _call(self, batch: FlatBatch, head: str):
+        arrays = place_batch(batch.arrays, self.mesh)
         out, self._caches = self._step(
-            self._params, self._caches, batch.arrays, head=head, attended_len=batch.attended_len
+            self._params, self._caches, arrays, head=head, attended_len=batch.attended_len
         )
         return out
