@@ -1,0 +1,160 @@
+"""Speculation speed on the shipped pair: autoregressive vs spec:N vs tree:D,W at batch 1 and 8.
+
+    python -m adaserve_jax.bench.speculation --json bench_results/speculation.json \
+        --plot bench_results/speculation.png
+
+All policies run one after another on the same warmed engine and the same held-out
+Python prompts (HumanEval function headers from the shared coding trace; the
+training corpus is the standard library, so these are unseen). Greedy decoding,
+so every policy produces the same tokens (checked). Also measures the verify-step
+latency L(T) over the token-bucket menu beside the memory floor, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_WORKLOAD = ROOT.parent / "shared" / "workloads" / "adaserve-artifact" / "rps2.4_ol256.json"
+DEFAULT_POLICIES = (
+    "autoregressive",
+    "spec:1",
+    "spec:2",
+    "spec:3",
+    "spec:4",
+    "tree:2,2",
+    "tree:3,2",
+    "tree:4,2",
+)
+
+
+def coding_prompts(path: Path, n: int) -> list[str]:
+    rows = json.loads(Path(path).read_text())
+    prompts = [r["prompt"] for r in rows if r.get("slo_ratio") == 1.2]
+    seen, out = set(), []
+    for p in prompts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n]
+
+
+def run_policy(engine, prompts, policy, max_tokens):
+    engine.generate(prompts, max_tokens=4, policy=policy)  # warm the host path
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, max_tokens=max_tokens, policy=policy)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    steps = sum(o.stats.steps for o in outs)
+    accepted = sum(o.stats.accepted for o in outs)
+    tpots = [o.tpot_s for o in outs if o.tpot_s]
+    return outs, {
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+        "tokens": tokens,
+        "mean_tpot_ms": 1e3 * float(np.mean(tpots)) if tpots else None,
+        "mean_accepted_per_step": (accepted + steps) / steps if steps else 1.0,
+        "selected_per_step": sum(o.stats.selected for o in outs) / steps if steps else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from adaserve_jax import Engine, load_model
+    from adaserve_jax.bench.step_latency import measure_bandwidth_gbs
+    from adaserve_jax.engine.profiler import measure_profile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default=str(ROOT / "checkpoints" / "target"))
+    ap.add_argument("--draft", default=str(ROOT / "checkpoints" / "draft"))
+    ap.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
+    ap.add_argument("--policy", action="append", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+    policies = args.policy or list(DEFAULT_POLICIES)
+
+    target, draft = load_model(args.target), load_model(args.draft)
+    engine = Engine(target, draft, max_batch=max(args.batches), policies=policies, max_len=512,
+                    ctx_buckets=(128, 256, 512))  # fmt: skip
+    prof = measure_profile(engine.target, engine.draft.device, repeats=9)
+    bw = measure_bandwidth_gbs()
+    cfg = target.config
+    param_bytes = 4 * sum(x.size for x in jax.tree.leaves(target.params))
+    kv_row = 2 * 4 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    floor = {t: (param_bytes + kv_row * 128) / (bw * 1e9) * 1e3 for t in prof.verify_ms}
+    result = {
+        "target": args.target,
+        "draft": args.draft,
+        "max_tokens": args.max_tokens,
+        "bandwidth_gbs": bw,
+        "verify_ms": prof.verify_ms,
+        "draft_ms": prof.draft_ms,
+        "memory_floor_ms": floor,
+        "batches": {},
+    }
+    prompts_all = coding_prompts(Path(args.workload), max(args.batches))
+    for batch in args.batches:
+        prompts = prompts_all[:batch]
+        rows, ref = {}, None
+        for policy in policies:
+            outs, row = run_policy(engine, prompts, policy, args.max_tokens)
+            ids = [o.token_ids for o in outs]
+            ref = ids if ref is None else ref
+            row["same_tokens_as_first_policy"] = ids == ref
+            rows[policy] = row
+            print(
+                f"batch {batch:>2} {policy:<15} {row['tokens_per_s']:7.1f} tok/s  "
+                f"accepted/step {row['mean_accepted_per_step']:.2f}  same={ids == ref}"
+            )
+        base = rows[policies[0]]["tokens_per_s"]
+        for row in rows.values():
+            row["speedup"] = row["tokens_per_s"] / base
+        result["batches"][str(batch)] = rows
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, policies, args.plot)
+    return result
+
+
+def plot(result: dict, policies: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ts = sorted(result["verify_ms"])
+    ax0.plot(ts, [result["verify_ms"][t] for t in ts], "o-", label="verify step L(T)")
+    if result.get("draft_ms"):
+        ax0.plot(ts, [result["draft_ms"][t] for t in ts], "s-", label="draft step")
+    ax0.plot(ts, [result["memory_floor_ms"][t] for t in ts], "k--", label="memory floor")
+    ax0.set(xscale="log", xlabel="tokens per step T", ylabel="ms", title="step latency")
+    ax0.legend()
+    batches = list(result["batches"])
+    width = 0.8 / len(batches)
+    x = np.arange(len(policies))
+    for i, b in enumerate(batches):
+        rows = result["batches"][b]
+        ax1.bar(
+            x + i * width, [rows[p]["tokens_per_s"] for p in policies], width, label=f"batch {b}"
+        )
+    ax1.set_xticks(x + width * (len(batches) - 1) / 2, policies, rotation=30)
+    ax1.set(ylabel="tokens/s (all requests)", title="greedy decoding throughput")
+    ax1.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
