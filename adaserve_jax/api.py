@@ -14,6 +14,7 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Move, SamplingParams, Segment
 from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
+from adaserve_jax.engine.mesh import make_mesh, validate_model
 from adaserve_jax.engine.profiler import Profile, load_or_measure
 from adaserve_jax.engine.speculation import DraftDevice
 from adaserve_jax.engine.tree import DraftTrees, TreeShape
@@ -61,7 +62,9 @@ class Engine:
         reprofile: bool = False,
         warmup: bool = True,
         progress: bool = True,
+        devices: int | None = None,
     ) -> None:
+        """`devices=N`: tensor-parallel over the first N devices (docs/MESH.md); None = one."""
         if max_batch <= 0:
             raise ValueError(f"{max_batch=} must be > 0")
         max_len = max_len or target.config.max_seq_len
@@ -75,6 +78,10 @@ class Engine:
                 f"draft vocab_size={draft.config.vocab_size} != target vocab_size="
                 f"{target.config.vocab_size}"
             )
+        self.mesh = make_mesh(devices)
+        validate_model(target.config, self.mesh, "target")
+        if draft is not None:
+            validate_model(draft.config, self.mesh, "draft")
         self.target_model = target
         self.draft_model = draft
         self.tokenizer = target.tokenizer
@@ -86,6 +93,7 @@ class Engine:
             attention_impl=attention_impl,
             token_buckets=token_buckets,
             ctx_buckets=ctx_buckets,
+            mesh=self.mesh,
         )
         self.num_slots = max_batch
         self.max_len = max_len
@@ -110,6 +118,7 @@ class Engine:
                 attention_impl=attention_impl,
                 token_buckets=token_buckets,
                 ctx_buckets=ctx_buckets,
+                mesh=self.mesh,
             )
         if max_batch > token_budget:
             raise ValueError(f"{max_batch=} exceeds {token_budget=}: every request needs its root")

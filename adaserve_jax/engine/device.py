@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 DEFAULT_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DEFAULT_CTX_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+DEFAULT_CTX_BUCKETS = (256, 1024, 4096)
 
 
 def attention_function(impl: str):
