@@ -59,7 +59,7 @@ RUN_CONFIG = "model_config.json"
 class TrainConfig:
     """Hyper-parameters and paths of one training run (all defaults reproduce the target)."""
 
-    steps: int = 300
+    steps: int = 350
     batch_size: int = 4
     seq_len: int = 1024
     short_seq_len: int = 256
@@ -129,8 +129,10 @@ PRESETS: dict[str, tuple[Any, TrainConfig]] = {
     "draft": (
         ModelConfig.draft_small,
         TrainConfig(
+            steps=250,
             lr=3e-3,
-            distill_alpha=0.8,
+            warmup_steps=20,
+            distill_alpha=0.9,
             teacher_dir="checkpoints/target",
             run_dir="runs/draft",
             export_dir="checkpoints/draft",

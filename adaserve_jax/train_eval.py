@@ -30,7 +30,7 @@ from adaserve_jax.corpus import EOT, Manifest, load_documents, tokenize_split
 from adaserve_jax.model.checkpoint import load_model_dir
 from adaserve_jax.model.config import ModelConfig
 from adaserve_jax.model.llama import forward_causal
-from adaserve_jax.train import eval_windows
+from adaserve_jax.train import PRESETS, RUN_CONFIG, eval_windows
 
 CHAIN_DEPTH = 4
 
@@ -158,16 +158,20 @@ def sample(model, tokenizer, prompt: str, max_new: int, temperature: float, seed
     return tokenizer.decode(buf[0, len(ids) : n].tolist())
 
 
-def _training_summary(run_dir: Path) -> dict[str, Any] | None:
-    log = run_dir / "log.jsonl"
-    if not log.is_file():
+def _training_summary(run_dir: Path, tokens_per_step: int) -> dict[str, Any] | None:
+    """Steps, tokens, wall time (run start = pinned config file, end = last log write)."""
+    log, start = run_dir / "log.jsonl", run_dir / RUN_CONFIG
+    if not log.is_file() or not start.is_file():
         return None
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     evals = [r for r in records if "heldout_loss" in r]
+    steps = max(r["step"] for r in records)
     return {
-        "steps": max(r["step"] for r in records),
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "wall_seconds": round(log.stat().st_mtime - start.stat().st_mtime),
         "final_train_loss": records[-1].get("loss"),
-        "heldout_curve": [(r["step"], round(r["heldout_loss"], 4)) for r in evals],
+        "heldout_code_loss_curve": [(r["step"], round(r["heldout_loss"], 4)) for r in evals],
     }
 
 
@@ -203,7 +207,7 @@ def evaluate(
     ]
     result["sampling"] = {"temperature": 0.7, "max_new_tokens": 96, "seeds": [0, 1, 2]}
     for name in ("target", "draft"):
-        summary = _training_summary(Path("runs") / name)
+        summary = _training_summary(Path("runs") / name, PRESETS[name][1].tokens_per_step)
         if summary is not None:
             result[f"training_{name}"] = summary
     result["eval_seconds"] = round(time.time() - t0, 1)

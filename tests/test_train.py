@@ -17,7 +17,9 @@ from adaserve_jax.model.config import ModelConfig
 from adaserve_jax.model.llama import init_params
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, max_seq_len=64)
+CFG = ModelConfig.tiny(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, max_seq_len=64
+)
 
 
 def _data() -> tr.TokenData:
