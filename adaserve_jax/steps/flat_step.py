@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from adaserve_jax.model.config import ModelConfig
 from adaserve_jax.model.llama import Transformer
-from adaserve_jax.steps.sampling import filtered_log_probs, sample_tokens
+from adaserve_jax.steps.sampling import sample_tokens
 
 Caches = list[tuple[jax.Array, jax.Array]]
 HEADS = ("sample", "logits", "topk")
@@ -95,13 +95,7 @@ def build_step(cfg: ModelConfig, attention: Callable, topk: int = 8) -> Callable
                 batch["seed"],
             )
         elif head == "topk":
-            logp = filtered_log_probs(
-                logits,
-                jnp.ones_like(batch["temperature"]),
-                jnp.zeros_like(batch["top_k"]),
-                jnp.ones_like(batch["top_p"]),
-            )
-            vals, idx = jax.lax.top_k(logp, topk)
+            vals, idx = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
             out = (vals, idx.astype(jnp.int32))
         else:
             raise ValueError(f"{head=} must be one of {HEADS}")

@@ -32,12 +32,6 @@ def _filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def filtered_log_probs(logits, temperature, top_k, top_p) -> jax.Array:
-    """Target-distribution log-probs after temperature/top-k/top-p: f32[T,V] -> f32[T,V]."""
-    filtered = jax.vmap(_filter_logits)(logits, temperature, top_k, top_p)
-    return jax.nn.log_softmax(filtered, axis=-1)
-
-
 def sample_tokens(
     logits: jax.Array,
     positions: jax.Array,
