@@ -4,54 +4,57 @@
 # source: adaserve_jax/server/adaserve.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "adaserve_jax/server/adaserve.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'adaserve_jax/server/adaserve.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n"adaserve_jax/server/adaserve.proto\x12\x0b\x61\x64\x61serve.v1"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05"\xeb\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.adaserve.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x15\n\x0btpot_slo_ms\x18\x04 \x01(\x01H\x01\x12\x12\n\x08\x63\x61tegory\x18\x05 \x01(\tH\x01\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x08\n\x06promptB\x05\n\x03sloB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05"f\n\x06Timing\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmean_tpot_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x42\n\n\x08_ttft_msB\x0f\n\r_mean_tpot_ms"r\n\x10SpeculationStats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0fselected_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05"\x85\x02\n\x06\x46inish\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.adaserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.adaserve.v1.Usage\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.adaserve.v1.Timing\x12\x19\n\x0cslo_attained\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.adaserve.v1.SpeculationStatsB\x0f\n\r_slo_attainedB\x0e\n\x0c_tpot_slo_ms"l\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x13.adaserve.v1.Finish"\x13\n\x11ServerInfoRequest"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_params\x18\x05 \x01(\x03\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05"0\n\x0bSloCategory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btpot_slo_ms\x18\x02 \x01(\x01"\xd8\x02\n\x12ServerInfoResponse\x12&\n\x06target\x18\x01 \x01(\x0b\x32\x16.adaserve.v1.ModelInfo\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x16.adaserve.v1.ModelInfoH\x00\x88\x01\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x14\n\x0cslots_in_use\x18\x04 \x01(\x05\x12\x13\n\x0bslots_total\x18\x05 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x18\n\x10\x62\x61seline_tpot_ms\x18\x08 \x01(\x01\x12,\n\ncategories\x18\t \x03(\x0b\x32\x18.adaserve.v1.SloCategory\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x13\n\x0bmax_context\x18\x0b \x01(\x05\x12\x0f\n\x07version\x18\x0c \x01(\tB\x08\n\x06_draft*\xc7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xf3\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.adaserve.v1.GenerateRequest\x1a\x1d.adaserve.v1.GenerateResponse0\x01\x12K\n\x0cGenerateOnce\x12\x1c.adaserve.v1.GenerateRequest\x1a\x1d.adaserve.v1.GenerateResponse\x12M\n\nServerInfo\x12\x1e.adaserve.v1.ServerInfoRequest\x1a\x1f.adaserve.v1.ServerInfoResponseb\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"adaserve_jax/server/adaserve.proto\x12\x0b\x61\x64\x61serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xeb\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.adaserve.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x15\n\x0btpot_slo_ms\x18\x04 \x01(\x01H\x01\x12\x12\n\x08\x63\x61tegory\x18\x05 \x01(\tH\x01\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x08\n\x06promptB\x05\n\x03sloB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"f\n\x06Timing\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmean_tpot_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\x42\n\n\x08_ttft_msB\x0f\n\r_mean_tpot_ms\"r\n\x10SpeculationStats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0fselected_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05\"\x85\x02\n\x06\x46inish\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.adaserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.adaserve.v1.Usage\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.adaserve.v1.Timing\x12\x19\n\x0cslo_attained\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.adaserve.v1.SpeculationStatsB\x0f\n\r_slo_attainedB\x0e\n\x0c_tpot_slo_ms\"l\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x13.adaserve.v1.Finish\"\x13\n\x11ServerInfoRequest\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_params\x18\x05 \x01(\x03\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05\"0\n\x0bSloCategory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btpot_slo_ms\x18\x02 \x01(\x01\"\xd8\x02\n\x12ServerInfoResponse\x12&\n\x06target\x18\x01 \x01(\x0b\x32\x16.adaserve.v1.ModelInfo\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x16.adaserve.v1.ModelInfoH\x00\x88\x01\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x14\n\x0cslots_in_use\x18\x04 \x01(\x05\x12\x13\n\x0bslots_total\x18\x05 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x18\n\x10\x62\x61seline_tpot_ms\x18\x08 \x01(\x01\x12,\n\ncategories\x18\t \x03(\x0b\x32\x18.adaserve.v1.SloCategory\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x13\n\x0bmax_context\x18\x0b \x01(\x05\x12\x0f\n\x07version\x18\x0c \x01(\tB\x08\n\x06_draft*\xc7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xf3\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.adaserve.v1.GenerateRequest\x1a\x1d.adaserve.v1.GenerateResponse0\x01\x12K\n\x0cGenerateOnce\x12\x1c.adaserve.v1.GenerateRequest\x1a\x1d.adaserve.v1.GenerateResponse\x12M\n\nServerInfo\x12\x1e.adaserve.v1.ServerInfoRequest\x1a\x1f.adaserve.v1.ServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "adaserve_jax.server.adaserve_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adaserve_jax.server.adaserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_FINISHREASON"]._serialized_start = 1643
-    _globals["_FINISHREASON"]._serialized_end = 1842
-    _globals["_TOKENIDS"]._serialized_start = 51
-    _globals["_TOKENIDS"]._serialized_end = 74
-    _globals["_GENERATEREQUEST"]._serialized_start = 77
-    _globals["_GENERATEREQUEST"]._serialized_end = 440
-    _globals["_USAGE"]._serialized_start = 442
-    _globals["_USAGE"]._serialized_end = 499
-    _globals["_TIMING"]._serialized_start = 501
-    _globals["_TIMING"]._serialized_end = 603
-    _globals["_SPECULATIONSTATS"]._serialized_start = 605
-    _globals["_SPECULATIONSTATS"]._serialized_end = 719
-    _globals["_FINISH"]._serialized_start = 722
-    _globals["_FINISH"]._serialized_end = 983
-    _globals["_GENERATERESPONSE"]._serialized_start = 985
-    _globals["_GENERATERESPONSE"]._serialized_end = 1093
-    _globals["_SERVERINFOREQUEST"]._serialized_start = 1095
-    _globals["_SERVERINFOREQUEST"]._serialized_end = 1114
-    _globals["_MODELINFO"]._serialized_start = 1116
-    _globals["_MODELINFO"]._serialized_end = 1243
-    _globals["_SLOCATEGORY"]._serialized_start = 1245
-    _globals["_SLOCATEGORY"]._serialized_end = 1293
-    _globals["_SERVERINFORESPONSE"]._serialized_start = 1296
-    _globals["_SERVERINFORESPONSE"]._serialized_end = 1640
-    _globals["_GENERATION"]._serialized_start = 1845
-    _globals["_GENERATION"]._serialized_end = 2088
+  DESCRIPTOR._loaded_options = None
+  _globals['_FINISHREASON']._serialized_start=1643
+  _globals['_FINISHREASON']._serialized_end=1842
+  _globals['_TOKENIDS']._serialized_start=51
+  _globals['_TOKENIDS']._serialized_end=74
+  _globals['_GENERATEREQUEST']._serialized_start=77
+  _globals['_GENERATEREQUEST']._serialized_end=440
+  _globals['_USAGE']._serialized_start=442
+  _globals['_USAGE']._serialized_end=499
+  _globals['_TIMING']._serialized_start=501
+  _globals['_TIMING']._serialized_end=603
+  _globals['_SPECULATIONSTATS']._serialized_start=605
+  _globals['_SPECULATIONSTATS']._serialized_end=719
+  _globals['_FINISH']._serialized_start=722
+  _globals['_FINISH']._serialized_end=983
+  _globals['_GENERATERESPONSE']._serialized_start=985
+  _globals['_GENERATERESPONSE']._serialized_end=1093
+  _globals['_SERVERINFOREQUEST']._serialized_start=1095
+  _globals['_SERVERINFOREQUEST']._serialized_end=1114
+  _globals['_MODELINFO']._serialized_start=1116
+  _globals['_MODELINFO']._serialized_end=1243
+  _globals['_SLOCATEGORY']._serialized_start=1245
+  _globals['_SLOCATEGORY']._serialized_end=1293
+  _globals['_SERVERINFORESPONSE']._serialized_start=1296
+  _globals['_SERVERINFORESPONSE']._serialized_end=1640
+  _globals['_GENERATION']._serialized_start=1845
+  _globals['_GENERATION']._serialized_end=2088
 # @@protoc_insertion_point(module_scope)
