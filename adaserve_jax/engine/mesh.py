@@ -201,26 +201,26 @@ class DistributedConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> DistributedConfig:
         """From ADASERVE_DISTRIBUTED / _COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID."""
-        env = os.environ if env is None else env
-        return cls._build(
-            env.get(ENV_PREFIX + "DISTRIBUTED"),
-            env.get(ENV_PREFIX + "COORDINATOR_ADDRESS"),
-            env.get(ENV_PREFIX + "NUM_PROCESSES"),
-            env.get(ENV_PREFIX + "PROCESS_ID"),
-        )
+        return cls._build(*cls._env_values(env))
 
     @classmethod
     def from_args(
         cls, args: argparse.Namespace, env: dict[str, str] | None = None
     ) -> DistributedConfig:
         """Flags from `add_arguments` win over the environment."""
-        base = cls.from_env(env)
+        mode, address, num, pid = cls._env_values(env)
         return cls._build(
-            args.distributed if args.distributed is not None else base.mode,
-            args.coordinator_address or base.coordinator_address,
-            args.num_processes if args.num_processes is not None else base.num_processes,
-            args.process_id if args.process_id is not None else base.process_id,
+            args.distributed if args.distributed is not None else mode,
+            args.coordinator_address or address,
+            args.num_processes if args.num_processes is not None else num,
+            args.process_id if args.process_id is not None else pid,
         )
+
+    @staticmethod
+    def _env_values(env: dict[str, str] | None) -> tuple[str | None, ...]:
+        env = os.environ if env is None else env
+        names = ("DISTRIBUTED", "COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID")
+        return tuple(env.get(ENV_PREFIX + n) or None for n in names)
 
     @classmethod
     def _build(cls, mode, address, num, pid) -> DistributedConfig:
