@@ -123,6 +123,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.categories = tuple(categories)
         self.metrics = metrics
         self.version = version
+        # Engine.submit creates its serving loop lazily and not thread-safely: serialize it.
+        self._submit_lock = threading.Lock()
         if engine is not None:
             self.set_engine(engine)
 
@@ -179,7 +181,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _submit(self, engine: Any, request: Request, context: grpc.ServicerContext):
         try:
-            handle = engine.submit(request)
+            with self._submit_lock:
+                handle = engine.submit(request)
         except QueueFullError as exc:
             raise RequestAborted(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except ValueError as exc:
