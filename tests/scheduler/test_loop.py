@@ -1,0 +1,160 @@
+"""The scheduler loop against the mock engine: batching, prefill chunks, speculation, cancel."""
+
+import numpy as np
+import pytest
+from mock_engine import MockEngine
+
+from adaserve_jax.scheduler.budget import LatencyProfile
+from adaserve_jax.scheduler.loop import Scheduler
+from adaserve_jax.scheduler.policy import parse_policy
+from adaserve_jax.scheduler.request import FinishReason, Phase, Request
+
+
+def _req(i, prompt_len=10, max_tokens=12, **kw):
+    return Request(f"r{i}", tuple(range(100 + i, 100 + i + prompt_len)), max_tokens, **kw)
+
+
+def _expected(req):
+    last = req.prompt_ids[-1]
+    return [(last + j) % 1000 for j in range(1, req.max_tokens + 1)]
+
+
+@pytest.mark.parametrize("policy", ["autoregressive", "sarathi", "spec:3", "tree:3,2", "adaserve"])
+def test_every_policy_produces_the_target_sequence(policy):
+    eng = MockEngine(num_slots=3)
+    prof = LatencyProfile.cpu_reference() if policy == "adaserve" else None
+    sched = Scheduler(eng, policy=policy, token_budget=64, prefill_chunk=8, profile=prof)
+    reqs = [_req(i, prompt_len=5 + 7 * i, tpot_slo_ms=50.0) for i in range(5)]
+    states = [sched.submit(r) for r in reqs]
+    sched.run_until_done()
+    for r, s in zip(reqs, states, strict=True):
+        assert s.output == _expected(r)
+        assert s.finish_reason is FinishReason.LENGTH and s.phase is Phase.DONE
+    assert sched.alloc.used_slots == 0
+    assert all(sum(len(seg) for seg in call) <= 64 for call in eng.forward_calls)
+    if parse_policy(policy).speculative:
+        assert sum(s.stats.accepted for s in states) > 0
+        assert all(s.stats.selected >= s.stats.accepted for s in states)
+
+
+def test_chain_speculation_accepts_the_whole_chain():
+    eng = MockEngine(num_slots=1)
+    sched = Scheduler(eng, policy="spec:3", token_budget=64)
+    s = sched.submit(_req(0, max_tokens=13))
+    sched.run_until_done()
+    # first token from prefill, then 3 steps of 3 accepted + 1 bonus = 12 more
+    assert s.stats.steps == 3 and s.stats.accepted == 9
+    assert s.output == _expected(_req(0, max_tokens=13))
+
+
+def test_tree_compaction_moves_are_issued():
+    eng = MockEngine(num_slots=1, p_right=0.3)  # the right child is not the most likely one
+    sched = Scheduler(eng, policy="tree:3,2", token_budget=64)
+    s = sched.submit(_req(0, max_tokens=20))
+    sched.run_until_done()
+    assert s.output == _expected(_req(0, max_tokens=20))
+    assert eng.moves_seen and all(m.dst < m.src for m in eng.moves_seen)
+
+
+def test_sarathi_chunks_prefill_and_decode_goes_first():
+    eng = MockEngine(num_slots=2)
+    sched = Scheduler(eng, policy="sarathi", token_budget=64, prefill_chunk=8)
+    a = sched.submit(_req(0, prompt_len=3, max_tokens=30))
+    sched.step()  # a prefilled
+    b = sched.submit(_req(1, prompt_len=40, max_tokens=5))
+    sched.step()
+    call = eng.forward_calls[-1]
+    assert [len(s) for s in call] == [1, 8]  # a's decode token first, then an 8-token chunk of b
+    assert call[1].slot == b.slot and call[1].ctx_len == 0
+    sched.run_until_done()
+    assert a.output == _expected(a.request) and b.output == _expected(b.request)
+
+
+def test_cancel_frees_the_slot_and_waiting_request_takes_it():
+    eng = MockEngine(num_slots=1)
+    sched = Scheduler(eng, token_budget=64)
+    a = sched.submit(_req(0, max_tokens=100))
+    b = sched.submit(_req(1, max_tokens=4))
+    sched.step()
+    sched.step()
+    assert b.phase is Phase.WAITING
+    sched.cancel(a)
+    assert a.finish_reason is FinishReason.CANCELLED and sched.alloc.free_slots == 1
+    sched.run_until_done()
+    assert b.output == _expected(b.request)
+
+
+def test_eos_and_stop_strings():
+    eng = MockEngine(num_slots=2)
+    sched = Scheduler(
+        eng, token_budget=64, eos_id=113, decode_text=lambda ids: " ".join(map(str, ids))
+    )
+    a = sched.submit(_req(0, prompt_len=10, max_tokens=50))  # last prompt token 109 -> 110..113
+    b = sched.submit(_req(5, prompt_len=3, max_tokens=50, stop=("110",)))  # 107 -> 108, 109, 110
+    sched.run_until_done()
+    assert a.output == [110, 111, 112, 113] and a.finish_reason is FinishReason.EOS
+    assert b.output == [108, 109, 110] and b.finish_reason is FinishReason.STOP
+
+
+def test_bad_requests_are_rejected_before_work():
+    eng = MockEngine(num_slots=1, max_len=32)
+    sched = Scheduler(eng, token_budget=16)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        sched.submit(_req(0, prompt_len=30, max_tokens=5))
+    with pytest.raises(ValueError, match="max_tokens"):
+        _req(0, max_tokens=0)
+    with pytest.raises(ValueError, match="tpot_slo_ms"):
+        _req(0, tpot_slo_ms=float("nan"))
+    with pytest.raises(ValueError, match="tpot_slo_ms"):
+        _req(0, tpot_slo_ms=-1.0)
+    with pytest.raises(ValueError, match="unknown policy"):
+        Scheduler(eng, policy="beam:4")
+    assert not eng.forward_calls
+
+
+def test_service_streams_and_survives_a_failing_iteration():
+    from adaserve_jax.scheduler.service import ServingLoop
+
+    class Flaky(MockEngine):
+        fail_next = False
+
+        def forward(self, segments, moves=()):
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("boom")
+            return super().forward(segments, moves)
+
+    eng = Flaky(num_slots=2)
+    loop = ServingLoop(Scheduler(eng, token_budget=64))
+    try:
+        eng.fail_next = True
+        bad = loop.submit(_req(0, max_tokens=5))
+        assert bad.wait(10).finish_reason is FinishReason.ERROR and "boom" in bad.state.error
+        good = loop.submit(_req(1, max_tokens=6))
+        assert sum(list(good), []) == _expected(good.request)
+        assert loop.stats()["slots_in_use"] == 0
+    finally:
+        loop.shutdown(5)
+
+
+def test_selection_overhead_is_recorded():
+    eng = MockEngine(num_slots=4)
+    sched = Scheduler(
+        eng, policy="adaserve", token_budget=64, profile=LatencyProfile.cpu_reference()
+    )
+    for i in range(4):
+        sched.submit(_req(i, max_tokens=8, tpot_slo_ms=20.0))
+    sched.run_until_done()
+    assert any(r.select_seconds > 0 for r in sched.step_log)
+    assert np.sum([r.accepted for r in sched.step_log]) > 0
+
+
+def test_scheduler_package_never_imports_jax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adaserve_jax.scheduler.loop, adaserve_jax.scheduler.service, "
+        "adaserve_jax.scheduler.policy; assert 'jax' not in sys.modules, 'jax imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
