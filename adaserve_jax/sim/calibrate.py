@@ -1,0 +1,196 @@
+"""Record the simulator's acceptance calibration (and local profile) from the real pair.
+
+    python -m adaserve_jax.sim.calibrate [--target DIR] [--draft DIR] [--workload TRACE]
+        [--prompts N] [--max-tokens L] [--depth D] [--topk K] [--out calibration.json]
+        [--profile-out profiles/local.json]
+
+Runs the real `Engine` (greedy, policy `tree:D,K`) on trace prompts of every SLO category
+and instruments one real scheduler: `engine.expand` is wrapped to keep each step's drafted
+trees, and `Scheduler._commit_tree` is wrapped (for this scheduler instance only) to see
+the verified segment and the target's tokens before the normal commit. What is recorded
+is described in `calibration.py`. With `--profile-out`, the engine's measured latency
+profile (engine/profiler.py) is written as the `local` sim profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from adaserve_jax.engine.tree import accept_path
+from adaserve_jax.scheduler.policy import fixed_selection, parse_policy
+from adaserve_jax.sim.calibration import DEFAULT_CALIBRATION, Calibration, empty_counts
+from adaserve_jax.sim.profiles import PROFILE_DIR, profile_from_engine_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_CONF_SAMPLES = 1500
+
+
+class Recorder:
+    """Accumulates calibration counts from instrumented verify steps."""
+
+    def __init__(self, depth: int, topk: int, seed: int = 0, num_bins: int = 20) -> None:
+        self.depth, self.topk = depth, topk
+        self.bins, self.matched, self.count = empty_counts(topk, num_bins)
+        self.conf: dict[int, list[np.ndarray]] = {d: [] for d in range(1, depth + 1)}
+        self.path_len: list[int] = []
+        self.trees = None
+        self.rng = np.random.default_rng(seed)
+
+    def on_trees(self, trees) -> None:
+        self.trees = trees
+
+    def on_commit(self, slot: int, seg, target: np.ndarray, shape) -> None:
+        t = self.trees
+        sel = fixed_selection(t, slot, shape)
+        path, _ = accept_path(seg.parents, seg.tokens, target)
+        self.path_len.append(len(path))
+        parents, log_f = t.parents[slot], t.log_f[slot]
+        tokens, depth = t.tokens[slot], t.depth[slot]
+        kids: dict[int, list[int]] = {}
+        for c in range(1, parents.shape[0]):
+            kids.setdefault(int(parents[c]), []).append(c)
+        # draft confidence of every expanded node's children, by child depth
+        for v, cs in kids.items():
+            q = np.exp(log_f[cs] - log_f[v]).astype(np.float64)
+            q = np.sort(np.clip(q, 0.0, 1.0))[::-1]
+            self.conf[int(depth[cs[0]])].append(q)
+        # calibration on the accepted path: target token at node vs its drafted children
+        for i in [0, *path]:
+            v = int(sel[i])
+            cs = kids.get(v, [])
+            if not cs:
+                continue
+            want = int(target[i])
+            q = np.exp(log_f[cs] - log_f[v]).astype(np.float64)
+            order = np.argsort(-q, kind="stable")
+            for rank, j in enumerate(order[: self.topk]):
+                b = min(int(q[j] * (self.bins.size - 1)), self.bins.size - 2)
+                self.count[rank, b] += 1
+                self.matched[rank, b] += int(tokens[cs[j]]) == want
+
+    def result(self, source: dict) -> Calibration:
+        conf = {}
+        for d, rows in self.conf.items():
+            if not rows:
+                continue
+            arr = np.array(rows, np.float32)
+            if arr.shape[0] > MAX_CONF_SAMPLES:
+                arr = arr[self.rng.choice(arr.shape[0], MAX_CONF_SAMPLES, replace=False)]
+            conf[d] = arr
+        lens = np.array(self.path_len)
+        per_depth = {
+            d: (int((lens >= d - 1).sum()), int((lens >= d).sum()))
+            for d in range(1, self.depth + 1)
+        }
+        src = dict(source, verify_steps=int(lens.size), accepted_hist=np.bincount(
+            lens, minlength=self.depth + 1
+        ).tolist())  # fmt: skip
+        return Calibration(self.bins, self.matched, self.count, conf, per_depth, src)
+
+
+def _prompts(workload: str, n: int) -> list[tuple[str, str]]:
+    from adaserve_jax.bench.workload import load_workload
+
+    entries = load_workload(workload)
+    by_cat: dict[str, list] = {}
+    for e in entries:
+        by_cat.setdefault(e.category, []).append(e)
+    out = []
+    i = 0
+    while len(out) < n:
+        for cat in sorted(by_cat):
+            if i < len(by_cat[cat]) and len(out) < n:
+                out.append((cat, by_cat[cat][i].prompt))
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m adaserve_jax.sim.calibrate")
+    ap.add_argument("--target", default=str(ROOT / "checkpoints" / "target"))
+    ap.add_argument("--draft", default=str(ROOT / "checkpoints" / "draft"))
+    ap.add_argument(
+        "--workload", default="/work/shared/workloads/adaserve-artifact/rps2.4_ol256.json"
+    )
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-prompt-len", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--out", default=str(DEFAULT_CALIBRATION))
+    ap.add_argument("--profile-out", default=None, help=f"e.g. {PROFILE_DIR / 'local.json'}")
+    args = ap.parse_args(argv)
+
+    from adaserve_jax import Engine, load_model
+    from adaserve_jax.scheduler.loop import Scheduler
+
+    policy = f"tree:{args.depth},{args.topk}"
+    shape = parse_policy(policy).shape
+    target, draft = load_model(args.target), load_model(args.draft)
+    t0 = time.perf_counter()
+    engine = Engine(
+        target, draft, max_batch=args.max_batch, policy=policy, progress=False,
+        profile=args.profile_out is not None,
+    )  # fmt: skip
+    rec = Recorder(args.depth, args.topk)
+    inner_expand = engine.expand
+
+    def expand(root_vals, root_toks, root_pos, tree_shape):
+        trees = inner_expand(root_vals, root_toks, root_pos, tree_shape)
+        rec.on_trees(trees)
+        return trees
+
+    engine.expand = expand
+    prompts = _prompts(args.workload, args.prompts)
+    sched: Scheduler = engine._scheduler(policy)
+    inner_commit = sched._commit_tree
+
+    def commit(r, seg, tgt, now):
+        rec.on_commit(r.slot, seg, tgt, shape)
+        return inner_commit(r, seg, tgt, now)
+
+    sched._commit_tree = commit
+    for i, (cat, text) in enumerate(prompts):
+        ids = engine.encode_prompt(text)[: args.max_prompt_len]
+        sched.submit(
+            engine.make_request(ids, max_tokens=args.max_tokens, request_id=f"cal-{i}",
+                                temperature=0.0, seed=0, category=cat)
+        )  # fmt: skip
+    sched.run_until_done()
+    source = {
+        "target": args.target,
+        "draft": args.draft,
+        "policy": policy,
+        "workload": args.workload,
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "greedy": True,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    cal = rec.result(source)
+    print(f"wrote {cal.save(args.out)}")
+    rates = cal.per_depth_rate()
+    print("per-depth acceptance:", {d: round(r, 3) for d, r in rates.items()})
+    print("accepted/step (bonus included):", 1 + np.mean(rec.path_len))
+    if args.profile_out:
+        data = profile_from_engine_cache(
+            engine.profile_path,
+            name="local",
+            description=(
+                f"Measured on this machine by adaserve_jax.engine.profiler for {args.target} + "
+                f"{args.draft} (max_batch {args.max_batch}); steps padded to compiled buckets."
+            ),
+        )
+        out = Path(args.profile_out)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Acceptance model of the simulated engine, calibrated on the real draft/target pair.
+
+What the simulator needs from the real pair, and how `calibrate.py` records it from
+instrumented real runs (policy `tree:D,K`, greedy):
+
+- **Draft confidence.** For every tree node the draft expanded, the conditional
+  probabilities `q_1 >= ... >= q_K` of its top-K children (`exp(log_f(child) - log_f(node))`),
+  grouped by the children's depth. The simulator resamples these rows, so `f(v)` in the
+  simulated trees has the real draft's distribution.
+- **Confidence calibration.** For every node on the accepted path of a real verify step
+  (the root included) and each of its drafted children (rank r = 1..K by draft probability):
+  did the target's token at that node equal the child's token? Counted per rank and per
+  bin of `q`. `match_prob(q, r)` is the smoothed per-bin rate (a few pseudo-counts pulled
+  toward `q`, i.e. toward a perfectly calibrated draft, so sparse bins stay sane). The
+  simulator draws the target's token from these probabilities, so `f(v)` stays an
+  *estimate* of acceptance, exactly as in the real engine.
+- **Per-depth acceptance** of the real walks (depth d reached / depth d-1 reached), for
+  checking the simulator against the real pair (SIMULATION.md).
+
+The file (`calibration.json`) is validated on load; errors name the file and the field.
+Ranks beyond K never match; their `q` decays geometrically from `q_K` (documented
+extrapolation for policies with wider trees than the calibration run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
+PSEUDO_COUNTS = 4.0  # prior weight toward a perfectly calibrated draft in every bin
+EXTRA_RANK_DECAY = 0.5  # q_{K+i} = q_K * decay**i for ranks past the calibrated K
+
+
+class CalibrationError(ValueError):
+    """A missing or malformed calibration file; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Calibration:
+    """bins f64[B+1] edges over [0, 1]; matched/count f64[K, B] per rank and bin;
+    confidence: depth (1-based) -> f32[M, K] sampled top-K conditional probabilities;
+    per_depth: depth -> (reached, accepted)."""
+
+    bins: np.ndarray
+    matched: np.ndarray
+    count: np.ndarray
+    confidence: dict[int, np.ndarray]
+    per_depth: dict[int, tuple[int, int]]
+    source: dict = dataclasses.field(default_factory=dict)
+    path: str = ""
+    _table: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        b = np.asarray(self.bins, np.float64)
+        if b.ndim != 1 or b.size < 2 or b[0] != 0.0 or b[-1] != 1.0 or np.any(np.diff(b) <= 0):
+            raise ValueError(f"bins={b.tolist()} must increase strictly from 0 to 1")
+        if self.matched.shape != self.count.shape or self.count.shape[1] != b.size - 1:
+            raise ValueError(
+                f"matched {self.matched.shape} and count {self.count.shape} must both be "
+                f"[topk, {b.size - 1}]"
+            )
+        if np.any(self.count < 0) or np.any(self.matched < 0) or np.any(self.matched > self.count):
+            raise ValueError("need 0 <= matched <= count in every bin")
+        if not self.confidence or 1 not in self.confidence:
+            raise ValueError("confidence must hold samples for depth 1")
+        k = self.count.shape[0]
+        for d, rows in self.confidence.items():
+            if rows.ndim != 2 or rows.shape[1] != k or rows.shape[0] == 0:
+                raise ValueError(f"confidence[{d}] has shape {rows.shape}, expected [M>0, {k}]")
+            if np.any(rows < 0) or np.any(rows > 1) or np.any(rows.sum(1) > 1 + 1e-3):
+                raise ValueError(f"confidence[{d}]: probabilities must be in [0, 1], sum <= 1")
+            if np.any(np.diff(rows, axis=1) > 1e-6):
+                raise ValueError(f"confidence[{d}]: each row must be sorted descending")
+        mid = 0.5 * (b[1:] + b[:-1])
+        table = (self.matched + PSEUDO_COUNTS * mid) / (self.count + PSEUDO_COUNTS)
+        # rank >= K never matches: an extra all-zero row
+        object.__setattr__(self, "_table", np.vstack([table, np.zeros((1, mid.size))]))
+        object.__setattr__(self, "bins", b)
+
+    @property
+    def topk(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.confidence)
+
+    def match_table(self) -> np.ndarray:
+        """f64[K, B]: smoothed P(target token == rank-r child | q in bin)."""
+        return self._table[:-1]
+
+    def match_prob(self, q: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """P(child matches the target | its draft probability q, its 0-based rank)."""
+        nb = self._table.shape[1]
+        b = np.searchsorted(self.bins, q, side="right") - 1
+        np.clip(b, 0, nb - 1, out=b)
+        return self._table[np.minimum(rank, self.topk), b]
+
+    def sample_confidence(self, rng: np.random.Generator, depth: int, n: int, k: int) -> np.ndarray:
+        """f32[n, k] draft top-k conditional probabilities of n nodes' children at `depth`."""
+        known = depth if depth in self.confidence else max(d for d in self.confidence if d <= depth)
+        rows = self.confidence[known]
+        pick = rows[rng.integers(0, rows.shape[0], size=n)]
+        if k <= self.topk:
+            return pick[:, :k]
+        extra = pick[:, -1:] * EXTRA_RANK_DECAY ** np.arange(1, k - self.topk + 1)
+        return np.concatenate([pick, extra.astype(np.float32)], axis=1)
+
+    def per_depth_rate(self) -> dict[int, float]:
+        return {d: (a / r if r else float("nan")) for d, (r, a) in sorted(self.per_depth.items())}
+
+    # ---- JSON -----------------------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        return {
+            "topk": self.topk,
+            "bins": [float(x) for x in self.bins],
+            "match": {
+                str(r + 1): {
+                    "matched": self.matched[r].astype(int).tolist(),
+                    "count": self.count[r].astype(int).tolist(),
+                }
+                for r in range(self.topk)
+            },
+            "per_depth": {
+                str(d): {"reached": int(r), "accepted": int(a)}
+                for d, (r, a) in sorted(self.per_depth.items())
+            },
+            "confidence": {
+                str(d): np.round(rows.astype(np.float64), 4).tolist()
+                for d, rows in sorted(self.confidence.items())
+            },
+            "source": self.source,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json_dict(), separators=(",", ":")) + "\n")
+        return path
+
+
+def _field(path: Path, data: dict, name: str, kind: type):
+    if name not in data:
+        raise CalibrationError(f"{path}: missing field {name!r}")
+    v = data[name]
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise CalibrationError(f"{path}: field {name!r} must be a {kind.__name__}, got {v!r}")
+    return v
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    """Read and validate a calibration JSON (default: the shipped `calibration.json`)."""
+    path = Path(path) if path is not None else DEFAULT_CALIBRATION
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read calibration: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    topk = _field(path, data, "topk", int)
+    bins = _field(path, data, "bins", list)
+    match = _field(path, data, "match", dict)
+    conf = _field(path, data, "confidence", dict)
+    per_depth = _field(path, data, "per_depth", dict)
+    try:
+        matched = np.array([match[str(r + 1)]["matched"] for r in range(topk)], np.float64)
+        count = np.array([match[str(r + 1)]["count"] for r in range(topk)], np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalibrationError(
+            f"{path}: field 'match' needs ranks 1..{topk}, each with equal-length "
+            f"'matched' and 'count' lists ({exc!r})"
+        ) from None
+    try:
+        confidence = {int(d): np.array(rows, np.float32) for d, rows in conf.items()}
+        depths = {int(d): (int(v["reached"]), int(v["accepted"])) for d, v in per_depth.items()}
+        bins_arr = np.array(bins, np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalibrationError(
+            f"{path}: field 'confidence' or 'per_depth' malformed ({exc!r})"
+        ) from None
+    try:
+        return Calibration(
+            bins_arr, matched, count, confidence, depths, data.get("source", {}), str(path)
+        )
+    except ValueError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+
+
+def empty_counts(topk: int, num_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bins, matched, count) zero tables for a recorder."""
+    return (
+        np.linspace(0.0, 1.0, num_bins + 1),
+        np.zeros((topk, num_bins)),
+        np.zeros((topk, num_bins)),
+    )
+
+
+def expected_chain_acceptance(cal: Calibration, depth: int, samples: int = 20000) -> list[float]:
+    """Monte-Carlo P(accept depth d | reached d-1) for a chain (spec:N) under `cal`."""
+    rng = np.random.default_rng(0)
+    out = []
+    for d in range(1, depth + 1):
+        q = cal.sample_confidence(rng, d, samples, 1)[:, 0]
+        out.append(float(cal.match_prob(q, np.zeros(samples, int)).mean()))
+    return out

@@ -1,0 +1,206 @@
+"""A simulated `StepEngine` on a virtual clock (numpy only, no model, no sleeping).
+
+The real `Scheduler` (scheduler/loop.py) drives this engine exactly as it drives the JAX
+`Engine`: same policies, budget rule, selector, acceptance walk and KV bookkeeping. Only the
+device work is replaced:
+
+- **Time.** Every call advances a `VirtualClock` (the scheduler's `clock`) by the profile's
+  latency: `forward` by the verify latency of its total token count (prefill chunks and trees
+  share one step, as in the real engine), `draft_step` by one draft step over its tokens, and
+  `expand` by `depth - 1` draft steps over `rows * width` tokens (the real expansion runs
+  depth-1 from the draft step's top-k and one draft call per further depth).
+- **Draft trees.** `expand` lays trees out exactly as steps/expand.py does (node 0 the root,
+  nodes 1..k the depth-1 candidates, then `w * k` per depth, children of the previous depth's
+  top-`w` frontier by `log f`, ties to the lower index). The draft's conditional
+  probabilities of every frontier node's top-k children are resampled from the calibration
+  (calibration.py), so `log_f` has the real draft's distribution.
+- **Target tokens.** For every frontier node the engine draws which child (if any) is the
+  target's token, with the calibrated match probabilities. A simulated node's token is its own
+  index in the tree (distinct among siblings), and the hidden "target token" at a node is the
+  index of its correct child, or 0 (matches no child). `forward` returns these for a verified
+  tree, so the scheduler's own `accept_path` accepts exactly the simulated path, whatever
+  subset of nodes the selector sent; the bonus token is the target's token at the path's end.
+  Prefill chunks and plain decode tokens return token 0 (token values carry no meaning here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from adaserve_jax.engine.batch import Move, Segment
+from adaserve_jax.engine.tree import DraftTrees, TreeShape
+from adaserve_jax.sim.calibration import Calibration
+from adaserve_jax.sim.profiles import SimProfile
+
+
+class VirtualClock:
+    """A clock the simulation moves forward; `clock()` reads it (seconds)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"{seconds=} must be >= 0")
+        self.now += seconds
+
+    def advance_to(self, t: float) -> None:
+        self.now = max(self.now, float(t))
+
+
+class SimEngine:
+    """StepEngine protocol (scheduler/loop.py) on a virtual clock; see the module docstring."""
+
+    def __init__(
+        self,
+        profile: SimProfile,
+        calibration: Calibration,
+        *,
+        num_slots: int,
+        max_len: int,
+        clock: VirtualClock | None = None,
+        seed: int = 0,
+        draft_topk: int = 8,
+    ) -> None:
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"{num_slots=} must be >= 1 and {max_len=} >= 2")
+        self.profile = profile
+        self.calibration = calibration
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.has_draft = True
+        self.clock = clock or VirtualClock()
+        self.rng = np.random.default_rng(seed)
+        self.draft_topk = max(draft_topk, calibration.topk)
+        self._truth = np.zeros((num_slots, 1), np.int32)  # [S, N] target token per tree node
+        self._tree_ctx = np.full(num_slots, -1, np.int64)  # root position of this step's tree
+        self.verify_seconds = 0.0
+        self.draft_seconds = 0.0
+        self.wall_seconds = 0.0  # host time spent inside this engine (not the scheduler's)
+
+    # ---- StepEngine --------------------------------------------------------------------
+    def forward(
+        self, segments: list[Segment], moves: list[Move]
+    ) -> tuple[np.ndarray, tuple[int, ...]]:
+        t0 = time.perf_counter()
+        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
+        offsets = np.zeros(len(segments), np.int64)
+        np.cumsum(lens[:-1], out=offsets[1:])
+        total = int(lens.sum())
+        step_s = (self.profile.verify_ms(total) + self.profile.host_ms) / 1e3
+        self.clock.advance(step_s)
+        self.verify_seconds += step_s
+        sampled = np.zeros(total, np.int32)
+        trees = [
+            i
+            for i, s in enumerate(segments)
+            if self._tree_ctx[s.slot] >= 0 and self._tree_ctx[s.slot] == s.ctx_len
+        ]
+        if trees:
+            slots = np.array([segments[i].slot for i in trees])
+            tl = lens[trees]
+            nodes = np.concatenate([segments[i].tokens for i in trees]).astype(np.int64)
+            starts = np.zeros(len(trees), np.int64)
+            np.cumsum(tl[:-1], out=starts[1:])
+            nodes[starts] = 0  # the root's token is the real pending token; it is node 0
+            rows = np.repeat(slots, tl)
+            where = np.repeat(offsets[trees] - starts, tl) + np.arange(int(tl.sum()))
+            sampled[where] = self._truth[rows, nodes]
+        self._tree_ctx[:] = -1
+        self.wall_seconds += time.perf_counter() - t0
+        return sampled, tuple(int(o) for o in offsets)
+
+    def draft_step(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Top-k draft log-probs for every batch token; only segment ends are drawn (roots)."""
+        t0 = time.perf_counter()
+        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
+        offsets = np.zeros(len(segments), np.int64)
+        np.cumsum(lens[:-1], out=offsets[1:])
+        total = int(lens.sum())
+        step_s = self.profile.draft_ms(total) / 1e3
+        self.clock.advance(step_s)
+        self.draft_seconds += step_s
+        k = self.draft_topk
+        vals = np.full((total, k), -np.inf, np.float32)
+        vals[:, 0] = 0.0
+        toks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), (total, k)).copy()
+        if total:
+            ends = offsets + lens - 1
+            q = self.calibration.sample_confidence(self.rng, 1, len(segments), k)
+            with np.errstate(divide="ignore"):
+                vals[ends] = np.log(np.maximum(q, 1e-30))
+        self.wall_seconds += time.perf_counter() - t0
+        return vals, toks, tuple(int(o) for o in offsets)
+
+    def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
+        """Simulated trees for the rows with a root (root_pos > 0); see the module docstring."""
+        t0 = time.perf_counter()
+        s, n = self.num_slots, shape.num_nodes
+        k, w, depth = shape.topk, shape.width, shape.depth
+        root_pos = np.asarray(root_pos)
+        active = np.flatnonzero(root_pos > 0)
+        a = active.size
+        rows_paid = a if self.profile.expand_rows == "active" else s
+        if depth > 1:
+            step_s = (depth - 1) * self.profile.draft_ms(rows_paid * w) / 1e3
+            self.clock.advance(step_s)
+            self.draft_seconds += step_s
+
+        tokens = np.broadcast_to(np.arange(n, dtype=np.int32), (s, n)).copy()
+        parents = np.zeros((s, n), np.int32)
+        parents[:, 0] = -1
+        log_f = np.zeros((s, n), np.float32)
+        depths = np.zeros((s, n), np.int32)
+        truth = np.zeros((s, n), np.int32)
+        rv = np.asarray(root_vals, np.float32)[active, :k]  # [A, k]
+        log_f[active, 1 : 1 + k] = rv
+        depths[:, 1 : 1 + k] = 1
+        # the target's token at the root: one of its k children or none
+        self._draw_truth(truth, active, np.zeros((a, 1), np.int64), np.exp(rv)[:, None, :], 1)
+
+        cand = np.broadcast_to(np.arange(1, 1 + k), (a, k))  # [A, C] node ids of candidates
+        nxt = 1 + k
+        ar = np.arange(a)[:, None]
+        for j in range(2, depth + 1):
+            cand_logf = log_f[active[:, None], cand]
+            pick = np.argsort(-cand_logf, axis=1, kind="stable")[:, :w]
+            frontier = cand[ar, pick]  # [A, w] sorted by log_f, ties lower index
+            q = self.calibration.sample_confidence(self.rng, j, a * w, k).reshape(a, w, k)
+            child = nxt + np.arange(w * k)  # [w*k]
+            parents[:, child] = 0
+            parents[active[:, None], child[None, :]] = np.repeat(frontier, k, axis=1)
+            with np.errstate(divide="ignore"):
+                lq = np.log(np.maximum(q, 1e-30)).reshape(a, w * k)
+            log_f[active[:, None], child[None, :]] = (
+                np.repeat(log_f[active[:, None], frontier], k, axis=1) + lq
+            )
+            depths[:, child] = j
+            self._draw_truth(truth, active, frontier, q, nxt)
+            cand = np.broadcast_to(child, (a, w * k))
+            nxt += w * k
+        self._truth = truth
+        self._tree_ctx[:] = -1
+        self._tree_ctx[active] = root_pos[active]
+        self.wall_seconds += time.perf_counter() - t0
+        return DraftTrees(tokens, parents, log_f, depths)
+
+    # ---- internals ---------------------------------------------------------------------
+    def _draw_truth(
+        self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray, q: np.ndarray, first: int
+    ) -> None:
+        """For parent nodes i64[A, P] whose k children (probabilities q f32[A, P, k], node ids
+        `first + (p * k + rank)`) were drafted: which child is the target's token (0: none)."""
+        a, p, k = q.shape
+        rank = np.broadcast_to(np.arange(k), q.shape)
+        m = self.calibration.match_prob(q, rank)  # [A, P, k]
+        cum = np.cumsum(m, axis=-1)
+        cum /= np.maximum(cum[..., -1:], 1.0)  # a sum above 1 is renormalized
+        u = self.rng.random((a, p, 1))
+        hit = (u >= cum).sum(-1)  # [A, P]: index of the correct child, k = none
+        ids = first + np.arange(p)[None, :] * k + hit
+        truth[active[:, None], nodes] = np.where(hit < k, ids, 0)

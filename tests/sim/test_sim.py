@@ -1,0 +1,301 @@
+"""Simulated engine: drives the real Scheduler, exact virtual time, calibrated acceptance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adaserve_jax.bench.workload import arrival_times_s, load_workload
+from adaserve_jax.scheduler.loop import Scheduler
+from adaserve_jax.scheduler.policy import parse_policy
+from adaserve_jax.scheduler.request import Request
+from adaserve_jax.sim.__main__ import main as sim_main
+from adaserve_jax.sim.calibrate import Recorder
+from adaserve_jax.sim.calibration import (
+    Calibration,
+    CalibrationError,
+    empty_counts,
+    load_calibration,
+)
+from adaserve_jax.sim.engine import SimEngine, VirtualClock
+from adaserve_jax.sim.profiles import ProfileError, load_profile, load_profile_file
+from adaserve_jax.sim.replay import SimSettings, build_requests, simulate
+from adaserve_jax.sim.scheduler import fit_geometric
+
+POLICIES = ("autoregressive", "sarathi", "spec:3", "tree:3,2", "adaserve")
+
+
+def make_calibration(seed: int = 0) -> Calibration:
+    rng = np.random.default_rng(seed)
+    bins, matched, count = empty_counts(2, num_bins=10)
+    mid = 0.5 * (bins[1:] + bins[:-1])
+    count[:] = 1000
+    matched[0] = np.round(1000 * (0.15 + 0.7 * mid))  # over-confident at the top, under below
+    matched[1] = np.round(1000 * 0.6 * mid)
+    conf = {}
+    for d in (1, 2, 3):
+        q1 = rng.beta(3.0, 1.5 + 0.3 * d, 400)
+        q2 = (1.0 - q1) * rng.beta(2.0, 3.0, 400)
+        conf[d] = np.sort(np.stack([q1, q2], 1), axis=1)[:, ::-1].astype(np.float32)
+    return Calibration(bins, matched, count, conf, {1: (100, 60)}, {"synthetic": True})
+
+
+def paper_profile():
+    return load_profile("paper-llama70b")
+
+
+def write_trace(path, n=16, gap_ms=150.0, input_length=40, output_length=24):
+    ratios = (1.2, -50, -150)
+    entries = [
+        {
+            "emission_time_ms": i * gap_ms,
+            "input_length": input_length + 7 * i,
+            "output_length": output_length,
+            "prompt": f"prompt {i}",
+            "slo_ratio": ratios[i % 3],
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return make_calibration()
+
+
+def _replay(tmp_path, cal, policy, stock=False, **kw):
+    entries = load_workload(write_trace(tmp_path / "trace.json", **kw))
+    prof = paper_profile()
+    reqs = build_requests(entries, prof.baseline_tpot_ms, max_output_len=24, max_len=1024)
+    arr = arrival_times_s(entries, prof.baseline_tpot_ms)
+    settings = SimSettings(max_batch=8, token_budget=128, prefill_chunk=64, max_len=1024)
+    if stock:
+        settings = SimSettings(
+            max_batch=8, token_budget=128, prefill_chunk=64, max_len=1024, stock_scheduler=True
+        )
+    return simulate(prof, cal, policy, reqs, arr, settings)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_all_policies_drive_the_real_scheduler(tmp_path, cal, policy):
+    run = _replay(tmp_path, cal, policy)
+    s = run.summary
+    assert s["requests"] == 16 and s["output_tokens"] == 16 * 24
+    assert 0.0 <= s["attainment"] <= 1.0
+    assert set(s["per_category"]) == {"coding", "chat", "summarization"}
+    if parse_policy(policy).speculative:
+        assert s["mean_accepted_per_step"] > 1.2
+        assert all(st.stats.steps > 0 for st in run.states)
+    else:
+        assert s["mean_accepted_per_step"] == 1.0
+    assert s["wall_s"] > 0 and np.all(run.virtual_step_s > 0)
+
+
+def test_sim_scheduler_matches_stock_scheduler(tmp_path, cal):
+    fast = _replay(tmp_path, cal, "adaserve", n=24, gap_ms=40.0)
+    stock = _replay(tmp_path, cal, "adaserve", stock=True, n=24, gap_ms=40.0)
+    for a, b in zip(fast.states, stock.states, strict=True):
+        assert a.output == b.output
+        assert a.first_token_time == b.first_token_time
+        assert a.last_token_time == b.last_token_time
+    np.testing.assert_array_equal(fast.virtual_step_s, stock.virtual_step_s)
+
+
+def test_fit_geometric_matches_stock_fit():
+    from adaserve_jax.scheduler.budget import GeometricAcceptance
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        k = rng.integers(1, 16, 200)
+        a = np.minimum(rng.geometric(0.4, 200), k)
+        assert fit_geometric(k, a).alpha == pytest.approx(
+            GeometricAcceptance.fit(k, a).alpha, abs=1.5e-3
+        )
+
+
+def test_virtual_time_advances_exactly_by_profile(cal):
+    prof = paper_profile()
+    clock = VirtualClock()
+    eng = SimEngine(prof, cal, num_slots=4, max_len=256, clock=clock)
+    sched = Scheduler(eng, policy="autoregressive", token_budget=64, clock=clock)
+    sched.submit(Request("a", (1,) * 10, 5))
+    sched.run_until_done()
+    # one prefill step of 10 tokens, then 4 single-token decode steps
+    assert [r.tokens for r in sched.step_log] == [10, 1, 1, 1, 1]
+    expect = prof.verify_ms(10) / 1e3 + 4 * prof.verify_ms(1) / 1e3
+    assert clock() == pytest.approx(expect, rel=1e-12)
+    assert prof.verify_ms(1) == 30.0 and prof.verify_ms(128) == 55.0
+    assert prof.verify_ms(64) == pytest.approx(30.0 + 25.0 * 63 / 127)
+
+
+def test_speculative_step_time_is_verify_plus_draft(cal):
+    prof = paper_profile()
+    clock = VirtualClock()
+    eng = SimEngine(prof, cal, num_slots=4, max_len=256, clock=clock)
+    sched = Scheduler(eng, policy="tree:3,2", token_budget=128, clock=clock)
+    for i in range(3):
+        sched.submit(Request(f"r{i}", (1,) * 12, 16))
+    sched.run_until_done()
+    total = sum(r.seconds for r in sched.step_log)
+    assert total == pytest.approx(eng.verify_seconds + eng.draft_seconds, rel=1e-12)
+    verify = sum(prof.verify_ms(r.tokens) for r in sched.step_log) / 1e3
+    assert eng.verify_seconds == pytest.approx(verify, rel=1e-12)
+    # a decode step of 3 requests: draft step over 3 roots + 2 expansion steps over 3 * 2 rows
+    step = next(r for r in sched.step_log if r.decode_requests == 3)
+    want = prof.verify_ms(step.tokens) + prof.draft_ms(3) + 2 * prof.draft_ms(6)
+    assert step.seconds == pytest.approx(want / 1e3, rel=1e-9)
+
+
+def test_acceptance_matches_calibration(cal):
+    """Recording the simulator with the real-pair recorder recovers the calibration."""
+    prof = paper_profile()
+    clock = VirtualClock()
+    eng = SimEngine(prof, cal, num_slots=32, max_len=4096, clock=clock, seed=1)
+    policy = "tree:3,2"
+    shape = parse_policy(policy).shape
+    rec = Recorder(3, 2, num_bins=10)
+    inner_expand = eng.expand
+
+    def expand(*a):
+        trees = inner_expand(*a)
+        rec.on_trees(trees)
+        return trees
+
+    eng.expand = expand
+    sched = Scheduler(eng, policy=policy, token_budget=1024, clock=clock)
+    inner_commit = sched._commit_tree
+
+    def commit(r, seg, tgt, now):
+        rec.on_commit(r.slot, seg, tgt, shape)
+        return inner_commit(r, seg, tgt, now)
+
+    sched._commit_tree = commit
+    for i in range(32):
+        sched.submit(Request(f"r{i}", (1,) * 8, 160))
+    sched.run_until_done()
+    got = rec.result({})
+    ok = got.count >= 200
+    assert ok[0].sum() >= 4
+    want = cal.matched / cal.count
+    np.testing.assert_allclose((got.matched / np.maximum(got.count, 1))[ok], want[ok], atol=0.06)
+    # sampled draft confidence follows the calibration's samples
+    for d in (1, 2, 3):
+        np.testing.assert_allclose(got.confidence[d].mean(0), cal.confidence[d].mean(0), atol=0.03)
+
+
+def test_walk_accepts_exactly_the_simulated_path(cal):
+    prof = paper_profile()
+    eng = SimEngine(prof, cal, num_slots=6, max_len=512, seed=5)
+    shape = parse_policy("tree:3,2").shape
+    vals, _, _ = eng.draft_step([])
+    rv = np.log(cal.sample_confidence(eng.rng, 1, 6, 8))
+    trees = eng.expand(rv, None, np.array([9, 0, 9, 9, 9, 9]), shape)
+    truth = eng._truth
+    from adaserve_jax.engine.batch import Segment
+    from adaserve_jax.engine.tree import accept_path
+
+    segs = [
+        Segment(s, 9, np.r_[77, trees.tokens[s, 1:]].astype(np.int32), trees.parents[s])
+        for s in (0, 2, 3, 4, 5)
+    ]
+    sampled, offsets = eng.forward(segs, [])
+    for seg, off in zip(segs, offsets, strict=True):
+        path, emitted = accept_path(seg.parents, seg.tokens, sampled[off : off + len(seg)])
+        node, want = 0, []
+        while truth[seg.slot, node]:
+            node = int(truth[seg.slot, node])
+            want.append(node)
+        assert path == want
+        assert emitted[-1] == 0
+
+
+def test_unknown_profile_name():
+    with pytest.raises(ProfileError, match="unknown profile 'h100'"):
+        load_profile("h100")
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"baseline_tpot_ms": 30}, "verify_ms"),
+        ({"verify_ms": {"1": 3, "8": 2}, "baseline_tpot_ms": 30}, "verify_ms"),
+        ({"verify_ms": {"1": 3, "x": 4}, "baseline_tpot_ms": 30}, "verify_ms"),
+        ({"verify_ms": {"1": 3}, "draft_ms": {"4": 2, "2": 3}, "baseline_tpot_ms": 1}, "draft_ms"),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": "fast"}, "baseline_tpot_ms"),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_rows": "some"}, "expand_rows"),
+    ],
+)
+def test_malformed_profile(tmp_path, data, field):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=field) as exc:
+        load_profile_file(path)
+    assert str(path) in str(exc.value)
+
+
+def test_profile_not_json(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{nope")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load_profile(str(path))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d.pop("bins"), "bins"),
+        (lambda d: d.__setitem__("bins", [0.0, 0.7, 0.5, 1.0]), "bins"),
+        (lambda d: d["match"].pop("2"), "match"),
+        (lambda d: d["match"]["1"]["matched"].__setitem__(0, 10**6), "matched"),
+        (lambda d: d["confidence"].__setitem__("1", [[0.2, 0.9]]), "confidence"),
+        (lambda d: d.__setitem__("topk", "two"), "topk"),
+    ],
+)
+def test_malformed_calibration(tmp_path, cal, mutate, field):
+    data = cal.to_json_dict()
+    mutate(data)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match=field) as exc:
+        load_calibration(path)
+    assert str(path) in str(exc.value)
+
+
+def test_calibration_round_trip(tmp_path, cal):
+    got = load_calibration(cal.save(tmp_path / "c.json"))
+    np.testing.assert_array_equal(got.matched, cal.matched)
+    np.testing.assert_allclose(got.confidence[2], cal.confidence[2], atol=1e-4)
+
+
+def test_shipped_files_load():
+    prof = load_profile("paper-llama70b")
+    assert prof.baseline_tpot_ms == 30.0 and prof.verify_ms(1024) == 205.0
+    cal = load_calibration()
+    assert cal.topk >= 2
+
+
+def test_cli_writes_bench_schema(tmp_path, cal):
+    trace = write_trace(tmp_path / "trace.json", n=9)
+    cpath = cal.save(tmp_path / "cal.json")
+    out = tmp_path / "out.json"
+    argv = ["--profile", "paper-llama70b", "--workload", str(trace), "--calibration", str(cpath)]
+    argv += ["--policy", "autoregressive", "--policy", "adaserve", "--max-output-len", "16"]
+    argv += ["--max-batch", "8", "--token-budget", "128", "--json", str(out), "--quiet"]
+    sim_main(argv)
+    data = json.loads(out.read_text())
+    assert data["baseline_tpot_ms"] == 30.0
+    for name in ("autoregressive", "adaserve"):
+        p = data["policies"][name]
+        for key in ("attainment", "violations", "goodput_tokens_per_s", "mean_accepted_per_step"):
+            assert key in p
+        assert set(p["per_category"]) == {"coding", "chat", "summarization"}
+
+
+def test_cli_bad_profile_exits_with_message(tmp_path):
+    trace = write_trace(tmp_path / "trace.json", n=3)
+    with pytest.raises(SystemExit, match="unknown profile"):
+        sim_main(["--profile", "nope", "--workload", str(trace)])
