@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,6 +100,7 @@ class Engine:
         self.max_len = max_len
         self.has_draft = draft is not None
         self._ids = itertools.count()
+        self._service_lock = threading.Lock()
         # Single-request autoregressive TPOT at near-zero load; the profiler measures it.
         self.baseline_tpot_ms: float = 30.0
         self.policy = parse_policy(policy)
@@ -253,8 +255,10 @@ class Engine:
 
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request on the background serving loop; returns a streaming handle."""
-        if self._service is None:
-            self._service = ServingLoop(self._scheduler(self.policy), max_queue=self.max_queue)
+        with self._service_lock:  # callers may submit from many threads at once
+            if self._service is None:
+                sched = self._scheduler(self.policy)
+                self._service = ServingLoop(sched, max_queue=self.max_queue)
         return self._service.submit(request)
 
     @property
