@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,40 @@ def test_bad_device_counts_fail_at_start_up(tp_run):
     assert errors["too_many"].startswith(f"devices={2 * DEVICES} but only {DEVICES} cpu")
     assert errors["heads"].startswith("target: devices=4 does not divide the model's num_heads=6")
     assert errors["zero"] == "devices=0 must be a positive int"
+
+
+# ---- 2 processes x 2 CPU devices through jax.distributed ------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_multihost_processes_share_one_mesh_and_match_one_device(tp_run, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    port = str(_free_port())
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(CASES / "multihost.py"), str(i), "2", port, str(outs[i])],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=900)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["primary"] for r in results] == [True, False]
+    assert all(r["devices"] == 4 for r in results)
+    assert results[0]["tokens"] == results[1]["tokens"] == tp_run["single"]
