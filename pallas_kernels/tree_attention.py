@@ -22,8 +22,9 @@ token and each item is a dense `[block_q * G, D]` query tile.
 * `tree_attention_reference` - plain jnp, the production path under XLA on CPU: a `lax.scan`
   over items, each an online softmax over chunks of its slot's rows up to its longest context,
   then the new-token block as one [T, T] einsum.
-* `tree_attention` - Pallas, online softmax seeded with the new-token block (never empty, since a
-  token always sees itself) and then run over blocks of cache rows. Two variants:
+* `tree_attention` - Pallas, online softmax over the visible new tokens and then over blocks of
+  cache rows (the XLA wrapper sorts the small per-token operands; the cache is read in place).
+  Two variants:
   - `backend="tpu"` (Mosaic): grid (item, cache block); the item tables are scalar-prefetched
     and drive the cache BlockSpec, paged-attention style. Blocks past an item's longest context
     repeat the previous block index, so they are neither fetched nor computed.
@@ -49,12 +50,19 @@ from pallas_kernels.tree_attention_plan import (
     check_shapes,
     next_pow2,
     num_items,
+    pick_block_k,
     plan_items,
+    sorted_operands,
+    unsort_output,
 )
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 BACKENDS = ("tpu", "gpu")
+# jax.export refuses this custom call unless told otherwise (Triton IR has no stability
+# guarantee): export the GPU variant with
+# `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]`.
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
 
 def xla_block_q(num_tokens: int, num_slots: int, group: int) -> int:
@@ -300,50 +308,6 @@ def _triton_kernel(
     o_ref[...] = (acc / denom).astype(o_ref.dtype)
 
 
-def _pick_block_k(attended_len: int, requested: int, length: int, multiple: int) -> int:
-    """Largest power-of-two fraction of `requested` that divides `attended_len` (>= multiple)."""
-    bk = min(requested, attended_len)
-    while bk >= multiple:
-        if attended_len % bk == 0 and bk % multiple == 0:
-            return bk
-        bk //= 2
-    if multiple == 8 and attended_len == length:  # TPU: a block spanning all L rows is legal
-        return attended_len
-    raise ValueError(f"{attended_len=} has no cache block size that is a multiple of {multiple}")
-
-
-def _sorted_operands(q, k_new, v_new, tree_mask, plan: ItemPlan, group_pad: int):
-    """Permute the small per-token operands into sorted order, kv-head major.
-
-    Returns q [KVH, Tp * Gp, D] (scaled; padded heads are zero), k_new/v_new [KVH, Tp, D],
-    tree mask rows i32[Tp * Gp, Tp] and per-row item / ctx i32[Tp * Gp].
-    """
-    t, h, d = q.shape
-    kvh = k_new.shape[1]
-    g = h // kvh
-    tp = plan.perm.shape[0]
-    pad_t = ((0, tp - t), (0, 0), (0, 0))
-    qg = jnp.pad((q.astype(_F32) * (1.0 / math.sqrt(d))), pad_t)[plan.perm]
-    qg = jnp.pad(qg.reshape(tp, kvh, g, d), ((0, 0), (0, 0), (0, group_pad - g), (0, 0)))
-    q_rows = qg.transpose(1, 0, 2, 3).reshape(kvh, tp * group_pad, d)  # [KVH, Tp*Gp, D]
-    kn = jnp.pad(k_new.astype(_F32), pad_t)[plan.perm].transpose(1, 0, 2)  # [KVH, Tp, D]
-    vn = jnp.pad(v_new.astype(_F32), pad_t)[plan.perm].transpose(1, 0, 2)
-    mask = jnp.pad(tree_mask, ((0, tp - t), (0, tp - t))) | jnp.eye(tp, dtype=bool)
-    mask = mask[plan.perm][:, plan.perm].astype(jnp.int32)
-    mask_rows = jnp.repeat(mask, group_pad, axis=0)  # [Tp*Gp, Tp]
-    row_item = jnp.repeat(plan.row_item, group_pad)
-    row_ctx = jnp.repeat(plan.row_ctx, group_pad)
-    return q_rows, kn, vn, mask_rows, row_item, row_ctx
-
-
-def _unsort_output(o_rows: jax.Array, plan: ItemPlan, t: int, group: int) -> jax.Array:
-    """[KVH, Tp * Gp, D] kernel output -> [T, H, D] in the caller's token order."""
-    kvh, rows, d = o_rows.shape
-    tp = plan.perm.shape[0]
-    o = o_rows.reshape(kvh, tp, rows // tp, d)[:, plan.inv, :group]  # [KVH, T, G, D]
-    return o.transpose(1, 0, 2, 3).reshape(t, kvh * group, d)
-
-
 def _tpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
               attended_len, block_q, block_k, interpret):  # fmt: skip
     t, h, d = q.shape
@@ -352,11 +316,11 @@ def _tpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
     bq = block_q or min(16, max(8, next_pow2(t)))
     if bq % 8:
         raise ValueError(f"{block_q=} must be a multiple of 8 on TPU")
-    bk = _pick_block_k(attended_len, block_k or 128, length, 8)
+    bk = pick_block_k(attended_len, block_k or 128, length, gpu=False)
     nkb = attended_len // bk
     plan = plan_items(slot, ctx_len, s, bq)
     tp, w, m_rows = plan.perm.shape[0], plan.item_blk.shape[0], bq * g
-    q_rows, kn, vn, mask_rows, row_item, row_ctx = _sorted_operands(
+    q_rows, kn, vn, mask_rows, row_item, row_ctx = sorted_operands(
         q, k_new, v_new, tree_mask, plan, g
     )
     # Item tables. An item that reads no cache keeps the previous item's cache block index, so
@@ -415,7 +379,7 @@ def _tpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
         q_rows, kn, vn, mask_rows, row_item[:, None], row_ctx[:, None],
         k_cache.reshape(s, length * kvh, d), v_cache.reshape(s, length * kvh, d),
     )  # fmt: skip
-    return _unsort_output(out, plan, t, g)
+    return unsort_output(out, plan, t, g)
 
 
 def _gpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
@@ -429,13 +393,11 @@ def _gpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
     bq = block_q or max(1, 32 // gp)  # 32 query rows per program
     if bq != next_pow2(bq) or bq * gp < 16:
         raise ValueError(f"{block_q=} must be a power of two with block_q * {gp} >= 16")
-    bk = _pick_block_k(attended_len, block_k or 64, length, 16)
-    if bk != next_pow2(bk):
-        raise ValueError(f"cache block {bk} must be a power of two for Triton")
+    bk = pick_block_k(attended_len, block_k or 64, length, gpu=True)
     tp = max(next_pow2(t), bq, 16)  # Triton tensors (and tl.dot) need powers of two >= 16
     plan = plan_items(slot, ctx_len, s, bq, padded_len=tp)
     nb, m_rows = tp // bq, bq * gp
-    q_rows, kn, vn, mask_rows, row_item, row_ctx = _sorted_operands(
+    q_rows, kn, vn, mask_rows, row_item, row_ctx = sorted_operands(
         q, k_new, v_new, tree_mask, plan, gp
     )
     blocks = jnp.arange(nb, dtype=jnp.int32)
@@ -480,7 +442,7 @@ def _gpu_call(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, *,
         q_rows, kn, vn, mask_rows, row_item, row_ctx,
         k_cache.reshape(s, length, kvh * d), v_cache.reshape(s, length, kvh * d),
     )  # fmt: skip
-    return _unsort_output(out, plan, t, g)
+    return unsort_output(out, plan, t, g)
 
 
 def tree_attention(

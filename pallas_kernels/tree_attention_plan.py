@@ -1,5 +1,7 @@
 """Work plan shared by every tree-attention implementation (see `tree_attention.py`).
 
+Also the kernels' XLA-side operand preparation (sorting tokens, picking block sizes).
+
 Tokens are stably sorted by slot (padding last) and cut into blocks of `block_q` consecutive
 sorted tokens. An *item* is one (block, slot) pair: the rows of a block that belong to one
 request, attending to that request's cache rows. A sorted slot forms a single run, so a batch
@@ -9,10 +11,13 @@ for any token order. The engine's grouped layout just makes the sort the identit
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+_F32 = jnp.float32
 
 # Finite "minus infinity": masked scores stay finite, so fully masked rows never produce NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -96,3 +101,56 @@ def check_shapes(q, k_cache, v_cache, k_new, v_new, slot, ctx_len, tree_mask, at
         )
     if not 0 < attended_len <= length:
         raise ValueError(f"{attended_len=} must be in (0, L={length}]")
+
+
+def pick_block_k(attended_len: int, requested: int, length: int, *, gpu: bool) -> int:
+    """Cache rows per step: the largest halving of `requested` that divides `attended_len`.
+
+    TPU needs a multiple of 8 (or all L rows); Triton a power of two >= 16.
+    """
+    multiple = 16 if gpu else 8
+    bk = min(requested, attended_len)
+    if gpu:
+        bk = next_pow2(bk + 1) // 2  # largest power of two <= bk
+    while bk >= multiple:
+        if attended_len % bk == 0 and bk % multiple == 0:
+            return bk
+        bk //= 2
+    if not gpu and attended_len == length:
+        return attended_len
+    raise ValueError(
+        f"{attended_len=} has no {'power-of-two ' if gpu else ''}cache block size that is a "
+        f"multiple of {multiple} and divides it"
+    )
+
+
+def sorted_operands(q, k_new, v_new, tree_mask, plan: ItemPlan, group_pad: int):
+    """Permute the small per-token operands into sorted order, kv-head major.
+
+    Returns q [KVH, Tp * Gp, D] (scaled; padded heads are zero), k_new/v_new [KVH, Tp, D],
+    tree mask rows i32[Tp * Gp, Tp] and per-row item / ctx i32[Tp * Gp].
+    """
+    t, h, d = q.shape
+    kvh = k_new.shape[1]
+    g = h // kvh
+    tp = plan.perm.shape[0]
+    pad_t = ((0, tp - t), (0, 0), (0, 0))
+    qg = jnp.pad((q.astype(_F32) * (1.0 / math.sqrt(d))), pad_t)[plan.perm]
+    qg = jnp.pad(qg.reshape(tp, kvh, g, d), ((0, 0), (0, 0), (0, group_pad - g), (0, 0)))
+    q_rows = qg.transpose(1, 0, 2, 3).reshape(kvh, tp * group_pad, d)  # [KVH, Tp*Gp, D]
+    kn = jnp.pad(k_new.astype(_F32), pad_t)[plan.perm].transpose(1, 0, 2)  # [KVH, Tp, D]
+    vn = jnp.pad(v_new.astype(_F32), pad_t)[plan.perm].transpose(1, 0, 2)
+    mask = jnp.pad(tree_mask, ((0, tp - t), (0, tp - t))) | jnp.eye(tp, dtype=bool)
+    mask = mask[plan.perm][:, plan.perm].astype(jnp.int32)
+    mask_rows = jnp.repeat(mask, group_pad, axis=0)  # [Tp*Gp, Tp]
+    row_item = jnp.repeat(plan.row_item, group_pad)
+    row_ctx = jnp.repeat(plan.row_ctx, group_pad)
+    return q_rows, kn, vn, mask_rows, row_item, row_ctx
+
+
+def unsort_output(o_rows: jax.Array, plan: ItemPlan, t: int, group: int) -> jax.Array:
+    """[KVH, Tp * Gp, D] kernel output -> [T, H, D] in the caller's token order."""
+    kvh, rows, d = o_rows.shape
+    tp = plan.perm.shape[0]
+    o = o_rows.reshape(kvh, tp, rows // tp, d)[:, plan.inv, :group]  # [KVH, T, G, D]
+    return o.transpose(1, 0, 2, 3).reshape(t, kvh * group, d)

@@ -19,11 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels.tree_attention import (
+    TRITON_CUSTOM_CALL,
+    tree_attention,
+    tree_attention_reference,
+)
 from pallas_kernels.tree_attention_plan import num_items, plan_items
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-TRITON_TARGET = "__gpu$xla.gpu.triton"
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -356,12 +359,12 @@ def test_exports_for_cuda(shape):
     (Triton IR has no compatibility guarantee), so exactly that check is disabled."""
     t, s, length, kvh, g, d, attended = EXPORT_SHAPES[shape]
     f = jax.jit(functools.partial(tree_attention, attended_len=attended, backend="gpu"))
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)]
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
     exported = jax.export.export(f, platforms=["cuda"], disabled_checks=disabled)(
         *_shape_structs(t, s, length, kvh, g, d)
     )
     assert exported.platforms == ("cuda",)
-    assert TRITON_TARGET in exported.mlir_module()
+    assert TRITON_CUSTOM_CALL in exported.mlir_module()
 
 
 def test_rejects_bad_shapes():
