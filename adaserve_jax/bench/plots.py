@@ -1,0 +1,99 @@
+"""Plots of benchmark results (matplotlib, Agg backend; reads the JSON-ready dicts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CATEGORY_ORDER = ("coding", "chat", "summarization")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _load(point: dict) -> float:
+    """Offered requests/s of a sweep point (1 / time-scale if all arrivals coincide)."""
+    return point["offered_rps"] or 1.0 / point["time_scale"]
+
+
+def plot_sweep(result: dict, out: str | Path) -> Path:
+    """Attainment vs load and goodput vs load, one line per policy (the paper's Fig. 7 style).
+
+    `result` is the sweep JSON: {"sweep": [{"offered_rps", "time_scale", "policies": {...}}]}.
+    """
+    plt = _pyplot()
+    points = sorted(result["sweep"], key=_load)
+    policies = list(dict.fromkeys(name for p in points for name in p["policies"]))
+    fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in policies:
+        xs = [_load(p) for p in points if name in p["policies"]]
+        att = [
+            100 * (p["policies"][name]["attainment"] or 0.0)
+            for p in points
+            if name in p["policies"]
+        ]
+        good = [
+            p["policies"][name]["goodput_tokens_per_s"] for p in points if name in p["policies"]
+        ]
+        marker = "*" if name == "adaserve" else "o"
+        ax_a.plot(xs, att, marker=marker, label=name)
+        ax_g.plot(xs, good, marker=marker, label=name)
+    ax_a.set_xlabel("offered load (requests/s, scaled trace)")
+    ax_a.set_ylabel("SLO attainment (%)")
+    ax_a.set_ylim(0, 102)
+    ax_a.grid(alpha=0.3)
+    ax_g.set_xlabel("offered load (requests/s, scaled trace)")
+    ax_g.set_ylabel("goodput (tokens/s of attained requests)")
+    ax_g.grid(alpha=0.3)
+    ax_a.legend(fontsize=8)
+    settings = result.get("settings", {})
+    fig.suptitle(
+        f"{Path(settings.get('workload', 'workload')).name}: "
+        f"{settings.get('num_requests', '?')} requests, output <= "
+        f"{settings.get('max_output_len', '?')} tokens, baseline TPOT "
+        f"{result.get('baseline_tpot_ms', float('nan')):.1f} ms",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_run(result: dict, out: str | Path) -> Path:
+    """One load point: attainment per category (grouped bars) and goodput per policy."""
+    plt = _pyplot()
+    pols = result["policies"]
+    names = list(pols)
+    cats = [c for c in CATEGORY_ORDER if any(c in p["per_category"] for p in pols.values())]
+    groups = ["overall", *cats]
+    fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        p = pols[name]
+        vals = [p["attainment"] or 0.0] + [
+            p["per_category"].get(c, {}).get("attainment") or 0.0 for c in cats
+        ]
+        ax_a.bar(
+            [i + k * width for i in range(len(groups))], [100 * v for v in vals], width, label=name
+        )
+    ax_a.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups)
+    ax_a.set_ylabel("SLO attainment (%)")
+    ax_a.set_ylim(0, 105)
+    ax_a.legend(fontsize=8)
+    ax_g.bar(names, [pols[n]["goodput_tokens_per_s"] for n in names])
+    ax_g.set_ylabel("goodput (tokens/s)")
+    ax_g.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,217 @@
+"""Real-time replay of a multi-SLO trace against one scheduling policy.
+
+The driver is an open-loop client glued to the scheduler's host loop:
+
+  1. Before the clock starts, every trace entry becomes a validated `Request`: the
+     prompt is tokenized with the model's tokenizer and truncated (head kept) so
+     prompt + output fits the context; output length = min(output_length,
+     max_output_len); greedy; TPOT SLO = the category's multiple of the engine's
+     baseline TPOT (`Engine.category_slo_ms`).
+  2. The clock starts at 0. Each request is submitted once its scaled arrival time
+     has passed; its TTFT is measured from that scheduled arrival (not from when
+     the loop noticed it), so a busy loop cannot hide queueing delay.
+  3. While the scheduler has work, `step()` runs one iteration; when it has none,
+     the driver sleeps until the next arrival.
+  4. The run ends when the last request finishes; wall time = its finish time.
+
+Policies share one warmed engine and run one after another (never concurrently:
+device caches are shared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from adaserve_jax.bench.metrics import RequestResult, summarize
+from adaserve_jax.bench.workload import TraceEntry, arrival_times_s, offered_rps
+from adaserve_jax.scheduler.policy import parse_policy
+from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
+
+# Context rows kept free beyond prompt + output: a speculation tree verified near the
+# end of a full slot would otherwise need rows past the context (the scheduler only
+# checks prompt + max_tokens <= context).
+SPEC_HEADROOM = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplayRun:
+    """One policy's replay: the JSON summary plus the raw request states."""
+
+    policy: str
+    summary: dict
+    states: list[RequestState]
+
+
+def build_requests(
+    engine,
+    entries: Sequence[TraceEntry],
+    *,
+    max_output_len: int,
+    max_prompt_len: int | None = None,
+) -> list[Request]:
+    """Tokenize, truncate and validate the trace entries (before any timing)."""
+    if max_output_len <= 0:
+        raise ValueError(f"{max_output_len=} must be > 0")
+    if engine.tokenizer is None:
+        raise ValueError("the target model has no tokenizer: cannot tokenize trace prompts")
+    requests = []
+    for e in entries:
+        out_len = min(e.output_length, max_output_len)
+        room = engine.max_len - out_len - SPEC_HEADROOM
+        if max_prompt_len is not None:
+            room = min(room, max_prompt_len)
+        if room <= 0:
+            raise ValueError(
+                f"entry {e.index}: output length {out_len} leaves no room for the prompt "
+                f"in the {engine.max_len}-token context"
+            )
+        ids = engine.encode_prompt(e.prompt)[:room]
+        requests.append(
+            engine.make_request(
+                ids,
+                max_tokens=out_len,
+                request_id=f"trace-{e.index}",
+                temperature=0.0,
+                seed=0,
+                category=e.category,
+            )
+        )
+    return requests
+
+
+def replay(
+    engine,
+    policy: str,
+    requests: Sequence[Request],
+    arrivals_s: np.ndarray,
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+) -> ReplayRun:
+    """Replay `requests` at `arrivals_s` (seconds from start, sorted) with `policy`."""
+    from tqdm import tqdm
+
+    if len(requests) != len(arrivals_s):
+        raise ValueError(f"{len(requests)} requests but {len(arrivals_s)} arrival times")
+    if np.any(np.diff(arrivals_s) < 0):
+        raise ValueError("arrival times must be sorted")
+    bar = tqdm(total=len(requests), desc=desc or policy, unit="req", disable=not progress)
+    finished: list[float] = []
+
+    def on_finish(state: RequestState) -> None:
+        finished.append(sched.clock())
+        bar.update(1)
+
+    sched = engine._scheduler(policy, on_finish=on_finish)
+    clock = sched.clock
+    states: list[RequestState] = []
+    t0 = clock()
+    nxt = 0
+    while nxt < len(requests) or sched.has_work():
+        now = clock() - t0
+        while nxt < len(requests) and arrivals_s[nxt] <= now:
+            state = sched.submit(requests[nxt])
+            state.arrival = t0 + float(arrivals_s[nxt])  # TTFT from the scheduled arrival
+            states.append(state)
+            nxt += 1
+        if sched.has_work():
+            sched.step()
+        elif nxt < len(requests):
+            time.sleep(max(0.0, float(arrivals_s[nxt]) - (clock() - t0)))
+    bar.close()
+    wall_s = max((max(finished) if finished else clock()) - t0, 1e-9)
+    unfinished = [s.request.request_id for s in states if s.phase is not Phase.DONE]
+    if unfinished:
+        raise RuntimeError(f"policy {policy}: requests {unfinished[:5]} never finished")
+    speculative = parse_policy(policy).speculative
+    results = [_result(s, speculative) for s in states]
+    log = sched.step_log
+    summary = summarize(
+        results,
+        wall_s,
+        step_seconds=[r.seconds for r in log],
+        select_seconds=[r.select_seconds for r in log],
+    )
+    summary["failed"] = sum(s.finish_reason is FinishReason.ERROR for s in states)
+    summary["mean_decode_batch"] = (
+        float(np.mean([r.decode_requests for r in log if r.decode_requests]))
+        if any(r.decode_requests for r in log)
+        else 0.0
+    )
+    summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
+    return ReplayRun(policy, summary, states)
+
+
+def _result(s: RequestState, speculative: bool) -> RequestResult:
+    steps = s.stats.steps if speculative else max(len(s.output) - 1, 0)
+    return RequestResult(
+        category=s.request.category or "none",
+        output_tokens=len(s.output),
+        tpot_slo_s=(s.request.tpot_slo_ms or float("inf")) / 1e3,
+        ttft_s=s.ttft_s(),
+        tpot_s=s.mean_tpot_s(),
+        verify_steps=steps,
+        accepted=s.stats.accepted if speculative else 0,
+    )
+
+
+def run_sweep(
+    engine,
+    entries: Sequence[TraceEntry],
+    requests: Sequence[Request],
+    policies: Sequence[str],
+    time_scales: Sequence[float],
+    *,
+    progress: bool = True,
+    log=print,
+    on_run: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every policy at every time scale; returns [{time_scale, offered_rps, policies}].
+
+    `requests[i]` is `entries[i]` built by `build_requests`. `on_run(partial)` is called
+    after every policy run (e.g. to save partial results of a long sweep).
+    """
+    out = []
+    for scale in time_scales:
+        arrivals = arrival_times_s(list(entries), engine.baseline_tpot_ms, scale)
+        point = {"time_scale": scale, "offered_rps": offered_rps(arrivals), "policies": {}}
+        for policy in policies:
+            run = replay(
+                engine, policy, requests, arrivals, progress=progress, desc=f"{policy} x{scale:g}"
+            )
+            point["policies"][policy] = run.summary
+            log(format_summary(policy, scale, run.summary), flush=True)
+            if on_run is not None:
+                on_run([*out, point])
+        out.append(point)
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(policy: str, time_scale: float, s: dict) -> str:
+    """A few human-readable lines for one policy run."""
+    lines = [
+        f"[{policy} @ time-scale {time_scale:g}] attainment {_fmt(s['attainment'], '.1%')} "
+        f"(violations {_fmt(s['violations'], '.1%')}), goodput "
+        f"{s['goodput_tokens_per_s']:.1f} tok/s, throughput {s['throughput_tokens_per_s']:.1f} "
+        f"tok/s, wall {s['wall_s']:.1f} s",
+        f"    TTFT p50/p99 {_fmt(s['ttft_p50_ms'])}/{_fmt(s['ttft_p99_ms'])} ms, TPOT p50/p99 "
+        f"{_fmt(s['tpot_p50_ms'])}/{_fmt(s['tpot_p99_ms'])} ms, accepted/step "
+        f"{s['mean_accepted_per_step']:.2f}, selection overhead {s['selection_overhead']:.2%}, "
+        f"mean decode batch {s['mean_decode_batch']:.1f}",
+    ]
+    for cat, c in s["per_category"].items():
+        lines.append(
+            f"    {cat:<13} n={c['requests']:<3} SLO {c['tpot_slo_ms']:.1f} ms: attainment "
+            f"{c['attainment']:.1%}, TTFT p50/p99 {_fmt(c['ttft_p50_ms'])}/"
+            f"{_fmt(c['ttft_p99_ms'])} ms, TPOT p50/p99 {_fmt(c['tpot_p50_ms'])}/"
+            f"{_fmt(c['tpot_p99_ms'])} ms"
+        )
+    return "\n".join(lines)

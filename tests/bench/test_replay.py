@@ -1,0 +1,110 @@
+"""End-to-end replay on a tiny random model pair, and CLI input errors before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from adaserve_jax import ModelConfig
+from adaserve_jax.bench.__main__ import main
+from adaserve_jax.model import init_params
+from adaserve_jax.model.checkpoint import save_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "checkpoints" / "tokenizer.json"
+PROMPTS = {
+    1.2: "def add(a, b):\n    return a + b\n",
+    -50: "Give three tips for staying healthy.",
+    -150: "Please generate a summarization for the following document.\n\nThe cat sat. " * 20,
+}
+
+
+def trace(n: int = 6) -> list[dict]:
+    ratios = list(PROMPTS)
+    return [
+        dict(
+            emission_time_ms=100.0 * i,
+            input_length=10,
+            output_length=256,
+            prompt=PROMPTS[ratios[i % 3]],
+            slo_ratio=ratios[i % 3],
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_pair(tmp_path_factory) -> Path:
+    if not TOKENIZER.is_file():
+        pytest.skip("checkpoints/tokenizer.json missing")
+    root = tmp_path_factory.mktemp("pair")
+    shutil.copy(TOKENIZER, root / "tokenizer.json")
+    configs = {
+        "target": ModelConfig.tiny(vocab_size=8192, eos_token_id=None),
+        "draft": ModelConfig.tiny(vocab_size=8192, eos_token_id=None, hidden_size=32, num_layers=1),
+    }
+    for seed, (name, cfg) in enumerate(configs.items()):
+        params = jax.tree.map(lambda x: np.asarray(x) * 4.0, init_params(cfg, seed))
+        save_model_dir(root / name, params, cfg)
+    return root
+
+
+def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADASERVE_JAX_PROFILES", str(tmp_path / "profiles"))
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    out, plot = tmp_path / "res.json", tmp_path / "res.png"
+    # tiny model's baseline ~1 ms: x30 makes the arrivals span about the trace's 0.5 s
+    main(
+        [
+            "--workload", str(workload), "--target", str(model_pair / "target"),
+            "--draft", str(model_pair / "draft"), "--policy", "autoregressive",
+            "--policy", "adaserve", "--num-requests", "6", "--max-output-len", "12",
+            "--time-scale", "30", "--max-batch", "4", "--token-buckets", "1,4,16,64",
+            "--ctx-buckets", "64,256", "--json", str(out), "--plot", str(plot), "--no-progress",
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    assert isinstance(result["baseline_tpot_ms"], float) and result["baseline_tpot_ms"] > 0
+    assert set(result["policies"]) == {"autoregressive", "adaserve"}
+    for name, p in result["policies"].items():
+        assert p["requests"] == 6, name  # every request completed
+        assert p["failed"] == 0
+        for key in ("attainment", "violations", "goodput_tokens_per_s", "mean_accepted_per_step"):
+            assert isinstance(p[key], float), (name, key)
+        assert 0.0 <= p["attainment"] <= 1.0
+        assert p["violations"] == pytest.approx(1.0 - p["attainment"])
+        assert set(p["per_category"]) == {"coding", "chat", "summarization"}
+        for c in p["per_category"].values():
+            assert isinstance(c["attainment"], float) and c["requests"] == 2
+        assert p["output_tokens"] == 6 * 12  # no EOS in the tiny model
+        assert p["ttft_p50_ms"] is not None and p["tpot_p99_ms"] is not None
+    assert result["policies"]["autoregressive"]["mean_accepted_per_step"] == 1.0
+    assert result["policies"]["adaserve"]["mean_accepted_per_step"] >= 1.0
+    assert "attainment" in capsys.readouterr().out
+
+
+def test_unknown_policy_fails_before_any_work(tmp_path, capsys):
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(2)))
+    with pytest.raises(SystemExit) as err:
+        main(["--workload", str(workload), "--policy", "adaserve", "--policy", "fastest"])
+    assert err.value.code == 2
+    assert "unknown policy 'fastest'" in capsys.readouterr().err
+
+
+def test_malformed_workload_fails_before_loading_models(tmp_path):
+    bad = trace(3)
+    del bad[2]["slo_ratio"]
+    workload = tmp_path / "broken.json"
+    workload.write_text(json.dumps(bad))
+    with pytest.raises(SystemExit) as err:
+        main(["--workload", str(workload), "--target", str(tmp_path / "no-such-model")])
+    msg = str(err.value.code)
+    assert "broken.json" in msg and "entry 2" in msg and "'slo_ratio'" in msg
