@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -82,8 +83,22 @@ def make_prompts(n: int, vocab: int, length: int, seed: int) -> list[list[int]]:
     return [rng.integers(1, vocab, size=length).tolist() for _ in range(n)]
 
 
-def closed_loop(prompts: list[list[int]], concurrency: int, one, deadline: float) -> dict:
-    """Run `one(prompt) -> Sample` over `prompts` from `concurrency` threads."""
+def _cpu_s(pid: int | None) -> float | None:
+    """utime + stime of process `pid` (Linux /proc), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+
+
+def closed_loop(
+    prompts: list[list[int]], concurrency: int, one, deadline: float, server_pid: int | None = None
+) -> dict:
+    """Run `one(prompt) -> Sample` over `prompts` from `concurrency` threads.
+
+    Also reports the CPU seconds this (client) process and the server process used.
+    """
     samples: list[Sample] = []
     lock = threading.Lock()
     it = iter(prompts)
@@ -99,12 +114,16 @@ def closed_loop(prompts: list[list[int]], concurrency: int, one, deadline: float
                 samples.append(s)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    t0 = time.perf_counter()
+    t0, cpu0, srv0 = time.perf_counter(), _cpu_s(os.getpid()), _cpu_s(server_pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join(max(0.0, deadline - time.perf_counter()) + 5)
-    return summarize(samples, time.perf_counter() - t0)
+    out = summarize(samples, time.perf_counter() - t0)
+    cpu1, srv1 = _cpu_s(os.getpid()), _cpu_s(server_pid)
+    out["client_process_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    out["server_process_cpu_s"] = srv1 - srv0 if srv0 is not None and srv1 is not None else None
+    return out
 
 
 def grpc_one(client, args: argparse.Namespace):
@@ -182,7 +201,7 @@ def _random_model(kind: str, directory: Path) -> Path:
 
 
 def _buckets(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", default=None)
     p.add_argument("--address", help="use this running server (loopback only)")
     p.add_argument("--auth-token", default=None)
-    p.add_argument("--concurrency", type=_buckets, default=(1, 16, 64, 200))
+    p.add_argument("--concurrency", type=_buckets, default=(1, 16, 64, 200), help="'' = none")
     p.add_argument("--requests", type=int, default=32, help="per level (at least the level)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         log = open(tmp / "server.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = Client(address, auth_token=args.auth_token)
+    server_pid = proc.pid if proc is not None else None
     result: dict = {"address": address, "policy": policy, "target": target, "levels": []}
     try:
         end = time.monotonic() + 900
@@ -253,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.concurrency:
             prompts = make_prompts(max(c, args.requests), vocab, args.prompt_len, seed=c)
             deadline = time.perf_counter() + args.level_seconds
-            level = closed_loop(prompts, c, grpc_one(client, args), deadline)
+            level = closed_loop(prompts, c, grpc_one(client, args), deadline, server_pid)
             level.update(concurrency=c, after=wait_idle(client))
             level["leaked_slots"] = level["after"]["slots_in_use"]
             result["levels"].append(level)
             print(json.dumps({k: level[k] for k in _SHOW}), flush=True)
         if args.overhead_concurrency:
-            result["overhead"] = overhead(args, client, target, policy, vocab)
+            result["overhead"] = overhead(args, client, target, policy, vocab, server_pid)
             print(json.dumps(result["overhead"]), flush=True)
     finally:
         client.close()
@@ -276,7 +296,9 @@ _SHOW = ("concurrency", "completed", "errors", "requests_per_s", "attainment", "
          "latency_ms_p99", "ttft_ms_p99", "leaked_slots")  # fmt: skip
 
 
-def overhead(args: argparse.Namespace, client, target: str, policy: str, vocab: int) -> dict:
+def overhead(
+    args: argparse.Namespace, client, target: str, policy: str, vocab: int, server_pid: int | None
+) -> dict:
     """Same requests at the same concurrency: via gRPC vs an in-process Engine (alternating)."""
     from adaserve_jax import Engine, load_model
 
@@ -297,17 +319,31 @@ def overhead(args: argparse.Namespace, client, target: str, policy: str, vocab: 
         deadline = time.perf_counter() + args.level_seconds
         runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
         deadline = time.perf_counter() + args.level_seconds
-        runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline))
+        runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline, server_pid))
     engine.service.shutdown(5)
-    g = float(np.mean([r["tpot_ms_mean"] for r in runs["grpc"]]))
-    e = float(np.mean([r["tpot_ms_mean"] for r in runs["in_process"]]))
-    return {
+    g = float(np.median([r["tpot_ms_mean"] for r in runs["grpc"]]))
+    e = float(np.median([r["tpot_ms_mean"] for r in runs["in_process"]]))
+    out = {
         "concurrency": c,
         "tpot_ms_grpc": g,
         "tpot_ms_in_process": e,
-        "overhead_share": (g - e) / g,
-        "runs": runs,
+        "overhead_share": (g - e) / g,  # wall clock: noisy on a shared machine
     }
+    srv = [r["server_process_cpu_s"] for r in runs["grpc"]]
+    if None not in srv:
+        # CPU seconds for the same requests: server process (gRPC + loop + device) vs the
+        # in-process run (loop + device + its caller threads). Steadier than wall clock here.
+        cpu_g = float(np.median(srv))
+        cpu_e = float(np.median([r["client_process_cpu_s"] for r in runs["in_process"]]))
+        cpu_c = float(np.median([r["client_process_cpu_s"] for r in runs["grpc"]]))
+        out.update(
+            server_cpu_s=cpu_g,
+            in_process_cpu_s=cpu_e,
+            grpc_client_cpu_s=cpu_c,
+            cpu_overhead_share=(cpu_g - cpu_e) / cpu_g,
+        )
+    out["runs"] = runs
+    return out
 
 
 if __name__ == "__main__":
