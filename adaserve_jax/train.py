@@ -59,11 +59,11 @@ RUN_CONFIG = "model_config.json"
 class TrainConfig:
     """Hyper-parameters and paths of one training run (all defaults reproduce the target)."""
 
-    steps: int = 350
+    steps: int = 190
     batch_size: int = 4
     seq_len: int = 1024
     short_seq_len: int = 256
-    decay_frac: float = 0.3
+    decay_frac: float = 0.16
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 30
@@ -77,6 +77,7 @@ class TrainConfig:
     code_fraction: float = 0.7
     distill_alpha: float = 0.0
     teacher_dir: str | None = None
+    embed_from_teacher: bool = False
     run_dir: str = "runs/target"
     export_dir: str | None = "checkpoints/target"
 
@@ -133,6 +134,7 @@ PRESETS: dict[str, tuple[Any, TrainConfig]] = {
             lr=3e-3,
             warmup_steps=20,
             distill_alpha=0.9,
+            embed_from_teacher=True,
             teacher_dir="checkpoints/target",
             run_dir="runs/draft",
             export_dir="checkpoints/draft",
@@ -255,6 +257,23 @@ def heldout_loss(params, cfg: ModelConfig, windows: np.ndarray, batch_size: int 
     return total / count
 
 
+def embed_init_from_teacher(params: dict, teacher_params: dict) -> dict:
+    """Start the student's embedding from the teacher's, projected onto its top principal axes.
+
+    E_t f32[V, Dt] is centred, its top-Ds right singular vectors P f32[Dt, Ds] are taken, and
+    E_s = E_t @ P f32[V, Ds] (rescaled to the student's init std): token similarities the teacher
+    learned carry over to the (tied) embedding, which is most of the draft's parameters.
+    """
+    e_t = np.asarray(teacher_params["embed_tokens"], np.float64)  # [V, Dt]
+    e_s = np.asarray(params["embed_tokens"])  # [V, Ds]
+    if e_t.shape[0] != e_s.shape[0] or e_t.shape[1] < e_s.shape[1]:
+        raise ValueError(f"cannot project teacher embedding {e_t.shape} to {e_s.shape}")
+    _, _, vt = np.linalg.svd(e_t - e_t.mean(axis=0), full_matrices=False)
+    proj = e_t @ vt[: e_s.shape[1]].T  # [V, Ds]
+    proj *= e_s.std() / max(proj.std(), 1e-12)
+    return {**params, "embed_tokens": jnp.asarray(proj, jnp.float32)}
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 def open_manager(run_dir: Path, tc: TrainConfig):
     import orbax.checkpoint as ocp
@@ -308,6 +327,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: TokenData, *, progress: bool 
             raise ValueError(f"teacher vocab {teacher_cfg.vocab_size} != {cfg.vocab_size}")
     opt = make_optimizer(tc)
     params = init_params(cfg, tc.seed)
+    if teacher_params is not None and tc.embed_from_teacher:
+        params = embed_init_from_teacher(params, teacher_params)
     state = {"params": params, "opt_state": opt.init(params)}
     mgr = open_manager(run_dir, tc)
     start = 0
@@ -389,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--ckpt-every", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--teacher-dir")
+    ap.add_argument("--embed-from-teacher", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--run-dir")
     ap.add_argument("--out", dest="export_dir", help="model directory to export to")
     ap.add_argument("--no-progress", action="store_true")

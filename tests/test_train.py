@@ -131,3 +131,17 @@ def test_empty_data_and_missing_corpus_error(tmp_path):
                 str(tmp_path / "r"),
             ]
         )
+
+
+def test_embedding_init_from_teacher_keeps_token_geometry():
+    teacher_cfg = dataclasses.replace(CFG, hidden_size=64, head_dim=16, num_heads=4)
+    teacher = dict(init_params(teacher_cfg, 0))
+    rng = np.random.default_rng(0)
+    low_rank = rng.normal(size=(64, 8)) @ rng.normal(size=(8, 64))  # rank 8 <= student width
+    teacher["embed_tokens"] = jnp.asarray(low_rank, jnp.float32)
+    student = tr.embed_init_from_teacher(dict(init_params(CFG, 0)), teacher)
+    e_s = np.asarray(student["embed_tokens"], np.float64)
+    assert e_s.shape == (64, 32)
+    centred = low_rank - low_rank.mean(axis=0)
+    gram_t, gram_s = centred @ centred.T, (e_s - e_s.mean(axis=0)) @ (e_s - e_s.mean(axis=0)).T
+    np.testing.assert_allclose(gram_s / gram_s.max(), gram_t / gram_t.max(), atol=1e-4)
