@@ -15,7 +15,7 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Move, SamplingParams, Segment
 from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
-from adaserve_jax.engine.mesh import make_mesh, validate_model
+from adaserve_jax.engine.mesh import attach_mirror, make_mesh, validate_model
 from adaserve_jax.engine.profiler import Profile, load_or_measure
 from adaserve_jax.engine.speculation import DraftDevice
 from adaserve_jax.engine.tree import DraftTrees, TreeShape
@@ -125,6 +125,10 @@ class Engine:
         if max_batch > token_budget:
             raise ValueError(f"{max_batch=} exceeds {token_budget=}: every request needs its root")
         self.latency_profile: LatencyProfile | None = None
+        # Multi-host: process 0 drives every device call, the others replay it (engine/mesh.py).
+        self.mirror = attach_mirror(self.target, self.draft)
+        if self.mirror is not None and not self.mirror.primary:
+            return  # a follower warms up and profiles by replaying process 0: call follow()
         if warmup:
             self.target.warmup(progress=progress)
             if self.draft is not None:
@@ -141,6 +145,18 @@ class Engine:
         self.baseline_tpot_ms = prof.baseline_tpot_ms
         self.profile_path = path
         return prof
+
+    def follow(self) -> int:
+        """Processes other than 0 of a multi-host job: replay process 0's device calls until
+        it calls `stop_followers()`; returns the number of calls replayed."""
+        if self.mirror is None:
+            raise RuntimeError("follow() is for processes > 0 of a jax.distributed job")
+        return self.mirror.follow()
+
+    def stop_followers(self) -> None:
+        """Process 0 of a multi-host job, at shutdown: release the others from `follow()`."""
+        if self.mirror is not None:
+            self.mirror.stop()
 
     def compile_count(self) -> int:
         """Compiled step variants of target and draft (grows only if something retraces)."""

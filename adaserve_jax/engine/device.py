@@ -87,6 +87,7 @@ class DeviceModel:
         self._step = build_step(model.config, attention, topk=topk)
         self._params = place_params(model.params, model.config, mesh)
         self._caches = place_caches(init_caches, model.config, num_slots, max_len, mesh)
+        self.mirror = None  # multi-host: publishes each call to the other processes (mesh.py)
 
     def compile_count(self) -> int:
         """Number of compiled variants of the step (grows only when something retraces)."""
@@ -134,6 +135,8 @@ class DeviceModel:
         return np.asarray(out)[:n], batch
 
     def _call(self, batch: FlatBatch, head: str):
+        if self.mirror is not None:
+            self.mirror(head, batch)
         arrays = place_batch(batch.arrays, self.mesh)
         out, self._caches = self._step(
             self._params, self._caches, arrays, head=head, attended_len=batch.attended_len

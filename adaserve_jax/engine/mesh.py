@@ -167,6 +167,122 @@ def shard_attention(attention: Callable, mesh: Mesh | None) -> Callable:
     return sharded
 
 
+# ------------------------------------------------------------------- multi-host serving
+
+HEADER = 6  # i32: (key, four call-specific ints, 0); key STOP ends `follow`
+STOP = -1
+_TARGET_STEP, _DRAFT_STEP, _DRAFT_EXPAND = 0, 1, 2
+
+
+class StepMirror:
+    """Process 0 publishes every device call; the other processes replay it.
+
+    JAX is multi-controller: each process must launch the same jitted computations, in the
+    same order, with the same (replicated) host inputs. Only process 0 runs gRPC and the
+    scheduler, so before each device call it broadcasts a header i32[HEADER] (which call and
+    its static arguments) and then the call's numpy inputs (`broadcast_one_to_all`); the other
+    processes sit in `follow()` and make the identical call. Followers never run a scheduler,
+    a warm-up or a profile of their own: those reach them as the primary's calls.
+    """
+
+    def __init__(self) -> None:
+        self.primary = is_primary()
+        self._replay: dict[int, tuple[Callable, Callable]] = {}
+
+    def register(self, key: int, template: Callable, run: Callable) -> Callable:
+        """`template(ints) -> dict of zero arrays` shaped like the call's inputs; `run(ints,
+        arrays)` makes the call. Returns the publisher to invoke before each call."""
+        self._replay[key] = (template, run)
+        return lambda ints, arrays: self.publish(key, ints, arrays)
+
+    def publish(self, key: int, ints: Sequence[int], arrays: dict[str, np.ndarray]) -> None:
+        if not self.primary:
+            return
+        from jax.experimental import multihost_utils
+
+        header = np.zeros(HEADER, np.int32)
+        header[0] = key
+        header[1 : 1 + len(ints)] = ints
+        multihost_utils.broadcast_one_to_all(header)
+        multihost_utils.broadcast_one_to_all({k: np.asarray(v) for k, v in arrays.items()})
+
+    def follow(self) -> int:
+        """Replay the primary's calls until it calls `stop`; returns how many were replayed."""
+        from jax.experimental import multihost_utils
+
+        if self.primary:
+            raise RuntimeError("process 0 drives the engine; only other processes follow")
+        count = 0
+        while True:
+            header = multihost_utils.broadcast_one_to_all(np.zeros(HEADER, np.int32))
+            key, ints = int(header[0]), tuple(int(x) for x in header[1:])
+            if key == STOP:
+                return count
+            template, run = self._replay[key]
+            run(ints, multihost_utils.broadcast_one_to_all(template(ints)))
+            count += 1
+
+    def stop(self) -> None:
+        """Primary: release the followers from `follow()` (at shutdown)."""
+        if self.primary:
+            from jax.experimental import multihost_utils
+
+            header = np.zeros(HEADER, np.int32)
+            header[0] = STOP
+            multihost_utils.broadcast_one_to_all(header)
+
+
+def attach_mirror(target: Any, draft: Any | None) -> StepMirror | None:
+    """In a multi-process job, route the DeviceModel / DraftDevice calls through a mirror."""
+    if jax.process_count() == 1:
+        return None
+    from adaserve_jax.engine.batch import FlatBatch
+    from adaserve_jax.engine.tree import TreeShape
+    from adaserve_jax.steps.flat_step import HEADS
+
+    mirror = StepMirror()
+
+    def attach_flat(key: int, dev: Any) -> None:
+        def template(ints):
+            return FlatBatch.build([], (ints[1],), (ints[2],), max_moves=dev.max_moves).arrays
+
+        def run(ints, arrays):
+            call = argparse.Namespace(arrays=arrays, attended_len=ints[2])
+            dev._call(call, HEADS[ints[0]])
+
+        publish = mirror.register(key, template, run)
+        dev.mirror = lambda head, batch: publish(
+            (HEADS.index(head), len(batch.arrays["tokens"]), batch.attended_len), batch.arrays
+        )
+
+    attach_flat(_TARGET_STEP, target)
+    if draft is not None:
+        attach_flat(_DRAFT_STEP, draft.device)
+        s = draft.device.num_slots
+
+        def template(ints):
+            k = ints[2]
+            return {
+                "vals": np.zeros((s, k), np.float32),
+                "toks": np.zeros((s, k), np.int32),
+                "root_pos": np.zeros(s, np.int32),
+            }
+
+        def run(ints, a):
+            draft._call_expand(a["vals"], a["toks"], a["root_pos"], TreeShape(*ints[:3]), ints[3])
+
+        publish = mirror.register(_DRAFT_EXPAND, template, run)
+        draft.mirror = lambda vals, toks, root_pos, shape, ctx: publish(
+            (shape.depth, shape.width, shape.topk, ctx),
+            {
+                "vals": np.asarray(vals, np.float32),
+                "toks": np.asarray(toks, np.int32),
+                "root_pos": np.asarray(root_pos, np.int32),
+            },
+        )
+    return mirror
+
+
 # ---------------------------------------------------------------------------- multi-host
 
 

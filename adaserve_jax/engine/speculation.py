@@ -38,6 +38,7 @@ class DraftDevice:
         )
         self.shapes = tuple(shapes)
         self._expand = build_expand(draft.config)
+        self.mirror = None  # multi-host: publishes each expansion to the other processes
 
     @property
     def ctx_buckets(self) -> tuple[int, ...]:
@@ -89,6 +90,8 @@ class DraftDevice:
         return DraftTrees(tokens, parents, log_f, tree_depths(parents))
 
     def _call_expand(self, vals, toks, root_pos, shape: TreeShape, ctx: int):
+        if self.mirror is not None:
+            self.mirror(vals, toks, root_pos, shape, ctx)
         s = vals.shape[0]
         return self._expand(
             self.device._params,

@@ -4,8 +4,8 @@ usage: python multihost.py PROCESS_ID NUM_PROCESSES PORT OUT.json
 
 Each process sees 2 forced CPU devices and joins through `jax.distributed.initialize` (the
 coordinator is process 0 on localhost:PORT, flags read like serve.py would); both build the
-same `Engine(devices=2 * NUM_PROCESSES)` over the global mesh and run the same generation
-grid (SPMD: every process issues the same steps), writing their tokens to OUT.json.
+same `Engine(devices=2 * NUM_PROCESSES)` over the global mesh. Process 0 runs the generation
+grid (as it would serve gRPC); the others replay its device calls (`Engine.follow`).
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def main() -> None:
     assert devices == 2 * int(nproc) and jax.local_device_count() == 2, devices
     kw = dict(max_batch=3, token_budget=64, progress=False, policies=("spec:2",), warmup=False)
     engine = Engine(tiny(1), tiny(2, num_layers=1), devices=devices, **kw, **BUCKETS)
-    result = {
-        "process": jax.process_index(),
-        "primary": is_primary(),
-        "devices": devices,
-        "tokens": generate_all(engine),
-    }
+    result = {"process": jax.process_index(), "primary": is_primary(), "devices": devices}
+    if is_primary():  # drives the scheduler (and would serve gRPC)
+        result["tokens"] = generate_all(engine)
+        engine.stop_followers()
+    else:  # replays process 0's device calls
+        result["replayed"] = engine.follow()
     with open(out_path, "w") as f:
         json.dump(result, f)
     jax.distributed.shutdown()
