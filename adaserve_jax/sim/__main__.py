@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-len", type=_positive(int), default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--budget-fallback",
+        choices=("stock", "throughput"),
+        default="stock",
+        help="experiment: budget-rule fallback when no bucket meets the tightest SLO",
+    )
+    ap.add_argument(
         "--stock-scheduler",
         action="store_true",
         help="scheduler/loop.py as is (same results, slower host: see sim/scheduler.py)",
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
             max_len=args.max_len,
             seed=args.seed,
             stock_scheduler=args.stock_scheduler,
+            budget_fallback=args.budget_fallback,
         )
     except (ProfileError, CalibrationError, WorkloadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
             "max_len": settings.max_len,
             "seed": settings.seed,
             "stock_scheduler": settings.stock_scheduler,
+            "budget_fallback": settings.budget_fallback,
             "tokenizer": args.tokenizer,
             "max_prompt_len": args.max_prompt_len,
             "sim_seconds": time.perf_counter() - t0,

@@ -49,6 +49,7 @@ class SimProfile:
     host_ms: float = 0.0
     description: str = ""
     source: str = ""  # file it was read from
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.baseline_tpot_ms) and self.baseline_tpot_ms > 0):
@@ -59,6 +60,13 @@ class SimProfile:
             raise ValueError(f"host_ms={self.host_ms} must be finite and >= 0")
 
     def _price(self, curve: LatencyCurve, tokens: int) -> float:
+        key = (curve is self.verify, tokens)
+        ms = self._cache.get(key)
+        if ms is None:
+            ms = self._cache[key] = self._price_uncached(curve, tokens)
+        return ms
+
+    def _price_uncached(self, curve: LatencyCurve, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
         if self.pad_to_buckets:

@@ -14,7 +14,8 @@ The same open-loop client as the real bench (bench/replay.py), on a virtual cloc
 
 Results use the real bench's metrics (bench/metrics.py), so the JSON schema is the same.
 Extra per-policy fields: `sim_seconds` (host seconds the replay took) and `host_overhead`
-(scheduler host time per iteration, outside the engine, as a share of the virtual iteration).
+(scheduler host CPU time per iteration, outside the engine, as a share of the virtual
+iteration; CPU time, so other processes on the machine do not inflate it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SimSettings:
     max_len: int = 4096  # context per slot
     seed: int = 0
     stock_scheduler: bool = False  # True: scheduler/loop.py as is (slower host; same results)
+    budget_fallback: str = "stock"  # "throughput": experimental budget-rule fallback (scheduler.py)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "prefill_chunk", "max_len"):
@@ -159,7 +161,13 @@ def simulate(
         seed=settings.seed,
     )
     finished: list[float] = []
-    cls = Scheduler if settings.stock_scheduler else SimScheduler
+    extra = {}
+    if settings.stock_scheduler:
+        cls = Scheduler
+        if settings.budget_fallback != "stock":
+            raise ValueError("budget_fallback needs the sim scheduler (stock_scheduler=False)")
+    else:
+        cls, extra = SimScheduler, {"budget_fallback": settings.budget_fallback}
     sched = cls(
         engine,
         policy=policy,
@@ -168,6 +176,7 @@ def simulate(
         clock=clock,
         profile=profile.latency_profile(),
         on_finish=lambda s: finished.append(clock()),
+        **extra,
     )
     states: list[RequestState] = []
     host: list[float] = []
@@ -180,10 +189,10 @@ def simulate(
             states.append(state)
             nxt += 1
         if sched.has_work():
-            w0, e0, it = time.perf_counter(), engine.wall_seconds, sched.iterations
+            w0, e0, it = time.process_time(), engine.cpu_seconds, sched.iterations
             sched.step()
             if sched.iterations > it:
-                host.append(time.perf_counter() - w0 - (engine.wall_seconds - e0))
+                host.append(time.process_time() - w0 - (engine.cpu_seconds - e0))
         elif nxt < total:
             clock.advance_to(arrivals_s[nxt])
     unfinished = [s.request.request_id for s in states if s.phase is not Phase.DONE]

@@ -1,0 +1,119 @@
+"""Validate the simulator against a real bench run: same trace, load, sizing and policies.
+
+    python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
+        [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
+
+Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
+workload (first `num_requests` arrivals, `max_output_len`, prompts tokenized and truncated
+as the bench truncates them, every time scale) with the same `max_batch` and token budget on
+the simulated engine, and prints the gap in attainment (percentage points) and goodput (%)
+per policy and load. `--profile bench` (the default) uses the latency profile the real run
+recorded in its settings, so the comparison isolates the simulator's model of acceptance and
+scheduling from profile drift; `--profile local` uses the shipped local profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
+from adaserve_jax.sim.calibration import load_calibration
+from adaserve_jax.sim.profiles import load_profile, load_profile_file
+from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, tokenized_lengths
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench_profile(settings: dict):
+    prof = settings.get("latency_profile")
+    if not prof:
+        raise SystemExit("error: the bench JSON records no latency_profile; use --profile local")
+    data = {
+        "name": "bench",
+        "verify_ms": prof["verify_ms"],
+        "draft_ms": prof.get("draft_ms"),
+        "baseline_tpot_ms": prof["baseline_tpot_ms"],
+        "pad_to_buckets": True,
+        "expand_rows": "all",
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(data, f)
+    return load_profile_file(f.name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m adaserve_jax.sim.validate")
+    ap.add_argument("bench_json")
+    ap.add_argument("--profile", default="bench")
+    ap.add_argument("--tokenizer", default=str(ROOT / "checkpoints" / "tokenizer.json"))
+    ap.add_argument("--calibration", default=None)
+    ap.add_argument("--seeds", type=int, default=3, help="simulator seeds averaged")
+    ap.add_argument("--json", dest="json_out", default=None)
+    args = ap.parse_args(argv)
+    real = json.loads(Path(args.bench_json).read_text())
+    st = real["settings"]
+    profile = _bench_profile(st) if args.profile == "bench" else load_profile(args.profile)
+    baseline = real["baseline_tpot_ms"]
+    cal = load_calibration(args.calibration)
+    entries = take(load_workload(st["workload"]), st["num_requests"])
+    max_len = int(st.get("max_len") or 1024)
+    lengths = tokenized_lengths(
+        entries,
+        args.tokenizer,
+        max_len=max_len,
+        max_output_len=st["max_output_len"],
+        max_prompt_len=st.get("max_prompt_len"),
+    )
+    requests = build_requests(
+        entries, baseline, max_output_len=st["max_output_len"], max_len=max_len,
+        prompt_lengths=lengths,
+    )  # fmt: skip
+    rows = []
+    for point in real["sweep"]:
+        arrivals = arrival_times_s(entries, baseline, point["time_scale"])
+        for policy, rs in point["policies"].items():
+            sims = []
+            for seed in range(args.seeds):
+                settings = SimSettings(
+                    max_batch=st["max_batch"], token_budget=st["token_budget"], prefill_chunk=64,
+                    max_len=max_len, seed=seed,
+                )  # fmt: skip
+                sims.append(simulate(profile, cal, policy, requests, arrivals, settings).summary)
+            att = sum(s["attainment"] for s in sims) / len(sims)
+            good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
+            acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
+            row = {
+                "policy": policy,
+                "time_scale": point["time_scale"],
+                "real_attainment": rs["attainment"],
+                "sim_attainment": att,
+                "attainment_gap_pp": 100 * (att - rs["attainment"]),
+                "real_goodput": rs["goodput_tokens_per_s"],
+                "sim_goodput": good,
+                "goodput_gap": good / rs["goodput_tokens_per_s"] - 1
+                if rs["goodput_tokens_per_s"]
+                else None,
+                "real_accepted_per_step": rs["mean_accepted_per_step"],
+                "sim_accepted_per_step": acc,
+            }
+            rows.append(row)
+            gap = row["goodput_gap"]
+            print(
+                f"{policy:<15} x{point['time_scale']:<5g} attainment real {rs['attainment']:.1%} "
+                f"sim {att:.1%} ({row['attainment_gap_pp']:+.1f} pp); goodput real "
+                f"{rs['goodput_tokens_per_s']:.1f} sim {good:.1f} "
+                f"({'-' if gap is None else format(gap, '+.1%')}); accepted/step real "
+                f"{rs['mean_accepted_per_step']:.2f} sim {acc:.2f}",
+                flush=True,
+            )
+    out = {"bench_json": args.bench_json, "profile": profile.name, "rows": rows}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
