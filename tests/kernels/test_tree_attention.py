@@ -247,6 +247,18 @@ def test_reference_matches_numpy_loop(name):
     assert_close(want, numpy_tree_attention(batch), batch.slot >= 0, atol=2e-5)
 
 
+@pytest.mark.parametrize("block_q, chunk", [(1, 16), (32, 40)])
+def test_reference_block_sizes_only_change_speed(block_q, chunk):
+    """Items of one token or of 32, and a chunk (40) that does not divide attended_len (64):
+    the last chunk overlaps the previous one and must not count rows twice."""
+    batch, _, want = case("mixed-g1-d64")
+    fn = jax.jit(
+        functools.partial(tree_attention_reference, attended_len=64, block_q=block_q, chunk=chunk),
+        compiler_options=FAST_COMPILE,
+    )
+    assert_close(fn(*batch.args()), want, batch.slot >= 0, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("name", CASES)
 def test_kernel_matches_reference(name, backend):
