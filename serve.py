@@ -185,9 +185,13 @@ def serve(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         pass
     log.info("draining: up to %.1f s for in-flight requests", args.drain_seconds)
-    server.drain(args.drain_seconds)
-    log.info("stopped")
-    return 0
+    finished = server.drain(args.drain_seconds)
+    log.info("stopped (%s)", "drained" if finished else "grace period over: cancelled the rest")
+    # RPC worker threads still blocked on a cancelled request must not hold up the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -145,8 +146,12 @@ class GrpcServer:
         """Stop taking RPCs, give in-flight ones `grace` seconds; True if they all finished."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         engine = self.servicer.engine
-        done = self.server.stop(grace)
-        finished = done.wait(grace + 5.0)
+        end = time.monotonic() + grace
+        stopped = self.server.stop(grace)  # rejects new RPCs now, aborts the rest after grace
+        while self.servicer.active > 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        finished = self.servicer.active == 0
+        stopped.wait(grace + 5.0)
         service = getattr(engine, "service", None)
         if service is not None:
             service.drain(1.0)

@@ -125,6 +125,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.version = version
         # Engine.submit creates its serving loop lazily and not thread-safely: serialize it.
         self._submit_lock = threading.Lock()
+        self._active = 0  # Generate / GenerateOnce calls in flight
+        self._active_lock = threading.Lock()
         if engine is not None:
             self.set_engine(engine)
 
@@ -142,6 +144,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if engine.service is None:
             return {"waiting": 0, "running": 0, "slots_in_use": 0, "slots_total": engine.num_slots}
         return engine.service.stats()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def _track(self, delta: int) -> None:
+        with self._active_lock:
+            self._active += delta
 
     def _engine(self) -> Any:
         if self.engine is None:
@@ -236,6 +246,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         started = time.perf_counter()
         handle = None
+        self._track(+1)
         try:
             engine = self._engine()
             req = self._request(engine, request)
@@ -266,6 +277,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             h, handle = handle, None
             self._internal(context, h, exc)
         finally:
+            self._track(-1)
             if handle is not None:  # the client went away mid-stream (generator closed)
                 handle.cancel()
                 self._record("cancelled")
@@ -275,6 +287,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> pb.GenerateResponse:
         started = time.perf_counter()
         handle = None
+        self._track(+1)
         try:
             engine = self._engine()
             req = self._request(engine, request)
@@ -293,6 +306,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._fail(context, exc)
         except Exception as exc:
             self._internal(context, handle, exc)
+        finally:
+            self._track(-1)
 
     def ServerInfo(
         self, request: pb.ServerInfoRequest, context: grpc.ServicerContext

@@ -21,7 +21,7 @@ def server(model_dir, tmp_path_factory):
         model_dir,
         tmp_path_factory.mktemp("logs") / "server.log",
         "--auth-token", AUTH_TOKEN,
-        "--drain-seconds", "60",
+        "--drain-seconds", "2",
     )  # fmt: skip
     try:
         srv.wait_serving()
