@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
             max_output_len=args.max_output_len,
             max_len=args.max_len,
             prompt_lengths=lengths,
+            max_prompt_len=args.max_prompt_len,
         )
         for scale in scales:
             arrivals = arrival_times_s(entries, profile.baseline_tpot_ms, scale)
@@ -191,6 +192,29 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     return run(parse_args(argv))
+
+
+def run_from_bench_args(bench: argparse.Namespace) -> dict:
+    """`python -m adaserve_jax.bench --simulate PROFILE ...`: the bench's own arguments
+    (workload, policies, request/output caps, time scales, sizing, outputs) on the simulator."""
+    argv = ["--profile", bench.simulate, "--workload", str(bench.workload)]
+    for name in bench.policies:
+        argv += ["--policy", name]
+    argv += ["--num-requests", str(bench.num_requests)]
+    argv += ["--max-output-len", str(bench.max_output_len), "--max-batch", str(bench.max_batch)]
+    if bench.time_scales:
+        argv += ["--time-scales", *map(str, bench.time_scales)]
+    else:
+        argv += ["--time-scale", str(bench.time_scale)]
+    if bench.token_budget:
+        argv += ["--token-budget", str(bench.token_budget)]
+    if bench.max_prompt_len:
+        argv += ["--max-prompt-len", str(bench.max_prompt_len)]
+    if bench.json_out:
+        argv += ["--json", str(bench.json_out)]
+    if bench.plot:
+        argv += ["--plot", str(bench.plot)]
+    return main(argv)
 
 
 if __name__ == "__main__":

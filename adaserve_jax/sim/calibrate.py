@@ -36,6 +36,8 @@ class Recorder:
     def __init__(self, depth: int, topk: int, seed: int = 0, num_bins: int = 20) -> None:
         self.depth, self.topk = depth, topk
         self.bins, self.matched, self.count = empty_counts(topk, num_bins)
+        self.by_depth = {d: (np.zeros_like(self.count), np.zeros_like(self.count))
+                         for d in range(1, depth + 1)}  # fmt: skip
         self.conf: dict[int, list[np.ndarray]] = {d: [] for d in range(1, depth + 1)}
         self.path_len: list[int] = []
         self.trees = None
@@ -68,10 +70,14 @@ class Recorder:
             want = int(target[i])
             q = np.exp(log_f[cs] - log_f[v]).astype(np.float64)
             order = np.argsort(-q, kind="stable")
+            dm, dc = self.by_depth[int(depth[cs[0]])]
             for rank, j in enumerate(order[: self.topk]):
                 b = min(int(q[j] * (self.bins.size - 1)), self.bins.size - 2)
+                hit = int(tokens[cs[j]]) == want
                 self.count[rank, b] += 1
-                self.matched[rank, b] += int(tokens[cs[j]]) == want
+                self.matched[rank, b] += hit
+                dc[rank, b] += 1
+                dm[rank, b] += hit
 
     def result(self, source: dict) -> Calibration:
         conf = {}
@@ -90,7 +96,58 @@ class Recorder:
         src = dict(source, verify_steps=int(lens.size), accepted_hist=np.bincount(
             lens, minlength=self.depth + 1
         ).tolist())  # fmt: skip
-        return Calibration(self.bins, self.matched, self.count, conf, per_depth, src)
+        return Calibration(
+            self.bins, self.matched, self.count, conf, per_depth, src, by_depth=self.by_depth
+        )
+
+
+def record_simulated(
+    cal: Calibration,
+    *,
+    depth: int = 4,
+    topk: int = 2,
+    requests: int = 32,
+    max_tokens: int = 200,
+    seed: int = 0,
+    num_bins: int | None = None,
+) -> Calibration:
+    """Run the recorder on the *simulated* engine (same instrumentation as the real run).
+
+    Comparing its per-depth acceptance and match rates with `cal` checks the simulator
+    end to end through the real scheduler's acceptance walk."""
+    from adaserve_jax.scheduler.loop import Scheduler
+    from adaserve_jax.scheduler.request import Request
+    from adaserve_jax.sim.engine import SimEngine, VirtualClock
+    from adaserve_jax.sim.profiles import load_profile
+
+    policy = f"tree:{depth},{topk}"
+    shape = parse_policy(policy).shape
+    clock = VirtualClock()
+    eng = SimEngine(
+        load_profile("paper-llama70b"), cal, num_slots=requests, max_len=max_tokens + 16,
+        clock=clock, seed=seed,
+    )  # fmt: skip
+    rec = Recorder(depth, topk, seed, num_bins or cal.bins.size - 1)
+    inner_expand = eng.expand
+
+    def expand(*args):
+        trees = inner_expand(*args)
+        rec.on_trees(trees)
+        return trees
+
+    eng.expand = expand
+    sched = Scheduler(eng, policy=policy, token_budget=max(1024, requests * 16), clock=clock)
+    inner_commit = sched._commit_tree
+
+    def commit(r, seg, tgt, now):
+        rec.on_commit(r.slot, seg, tgt, shape)
+        return inner_commit(r, seg, tgt, now)
+
+    sched._commit_tree = commit
+    for i in range(requests):
+        sched.submit(Request(f"r{i}", (1,) * 8, max_tokens))
+    sched.run_until_done()
+    return rec.result({"simulated": True, "policy": policy})
 
 
 def _prompts(workload: str, n: int) -> list[tuple[str, str]]:
@@ -175,9 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     cal = rec.result(source)
     print(f"wrote {cal.save(args.out)}")
-    rates = cal.per_depth_rate()
-    print("per-depth acceptance:", {d: round(r, 3) for d, r in rates.items()})
-    print("accepted/step (bonus included):", 1 + np.mean(rec.path_len))
+    sim = record_simulated(cal, depth=args.depth, topk=args.topk)
+    for name, c in (("real", cal), ("simulated", sim)):
+        rates = {d: round(r, 3) for d, r in c.per_depth_rate().items()}
+        hist = np.array(c.source["accepted_hist"])
+        mean = 1 + (hist * np.arange(hist.size)).sum() / hist.sum()
+        print(f"{name}: per-depth acceptance {rates}; accepted/step (bonus incl.) {mean:.2f}")
     if args.profile_out:
         data = profile_from_engine_cache(
             engine.profile_path,

@@ -14,6 +14,10 @@ instrumented real runs (policy `tree:D,K`, greedy):
   toward `q`, i.e. toward a perfectly calibrated draft, so sparse bins stay sane). The
   simulator draws the target's token from these probabilities, so `f(v)` stays an
   *estimate* of acceptance, exactly as in the real engine.
+- **Per-depth calibration.** The same counts split by the child's depth (`match_by_depth`):
+  the rate at depth d is conditional on the walk having reached depth d - 1, which carries the
+  path correlation of real text (a walk that survived depth 2 is in an "easy" stretch). Each
+  depth's table is shrunk toward the pooled one with a few pseudo-counts.
 - **Per-depth acceptance** of the real walks (depth d reached / depth d-1 reached), for
   checking the simulator against the real pair (SIMULATION.md).
 
@@ -52,6 +56,7 @@ class Calibration:
     per_depth: dict[int, tuple[int, int]]
     source: dict = dataclasses.field(default_factory=dict)
     path: str = ""
+    by_depth: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     _table: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,10 +80,21 @@ class Calibration:
                 raise ValueError(f"confidence[{d}]: probabilities must be in [0, 1], sum <= 1")
             if np.any(np.diff(rows, axis=1) > 1e-6):
                 raise ValueError(f"confidence[{d}]: each row must be sorted descending")
+        for d, (m, c) in self.by_depth.items():
+            if m.shape != self.count.shape or c.shape != self.count.shape:
+                raise ValueError(f"by_depth[{d}] tables must have shape {self.count.shape}")
+            if np.any(c < 0) or np.any(m < 0) or np.any(m > c):
+                raise ValueError(f"by_depth[{d}]: need 0 <= matched <= count in every bin")
         mid = 0.5 * (b[1:] + b[:-1])
-        table = (self.matched + PSEUDO_COUNTS * mid) / (self.count + PSEUDO_COUNTS)
+        pooled = (self.matched + PSEUDO_COUNTS * mid) / (self.count + PSEUDO_COUNTS)  # [K, B]
+        # per child depth (index 0 = any depth without its own table), shrunk to the pooled rate;
         # rank >= K never matches: an extra all-zero row
-        object.__setattr__(self, "_table", np.vstack([table, np.zeros((1, mid.size))]))
+        depths = max(self.by_depth, default=0)
+        table = np.zeros((depths + 1, k + 1, mid.size))
+        table[:, :k] = pooled
+        for d, (m, c) in self.by_depth.items():
+            table[d, :k] = (m + PSEUDO_COUNTS * pooled) / (c + PSEUDO_COUNTS)
+        object.__setattr__(self, "_table", table)
         object.__setattr__(self, "bins", b)
 
     @property
@@ -91,14 +107,16 @@ class Calibration:
 
     def match_table(self) -> np.ndarray:
         """f64[K, B]: smoothed P(target token == rank-r child | q in bin)."""
-        return self._table[:-1]
+        return self._table[0, :-1]
 
-    def match_prob(self, q: np.ndarray, rank: np.ndarray) -> np.ndarray:
-        """P(child matches the target | its draft probability q, its 0-based rank)."""
-        nb = self._table.shape[1]
+    def match_prob(self, q: np.ndarray, rank: np.ndarray, depth: int = 0) -> np.ndarray:
+        """P(child matches the target | its draft probability q, its 0-based rank, and the
+        child's depth when the calibration has per-depth tables; the parent was reached)."""
+        table = self._table[depth if depth < self._table.shape[0] else -1]
+        nb = table.shape[1]
         b = np.searchsorted(self.bins, q, side="right") - 1
         np.clip(b, 0, nb - 1, out=b)
-        return self._table[np.minimum(rank, self.topk), b]
+        return table[np.minimum(rank, self.topk), b]
 
     def sample_confidence(self, rng: np.random.Generator, depth: int, n: int, k: int) -> np.ndarray:
         """f32[n, k] draft top-k conditional probabilities of n nodes' children at `depth`."""
@@ -124,6 +142,16 @@ class Calibration:
                     "count": self.count[r].astype(int).tolist(),
                 }
                 for r in range(self.topk)
+            },
+            "match_by_depth": {
+                str(d): {
+                    str(r + 1): {
+                        "matched": m[r].astype(int).tolist(),
+                        "count": c[r].astype(int).tolist(),
+                    }
+                    for r in range(self.topk)
+                }
+                for d, (m, c) in sorted(self.by_depth.items())
             },
             "per_depth": {
                 str(d): {"reached": int(r), "accepted": int(a)}
@@ -176,6 +204,18 @@ def load_calibration(path: str | Path | None = None) -> Calibration:
             f"{path}: field 'match' needs ranks 1..{topk}, each with equal-length "
             f"'matched' and 'count' lists ({exc!r})"
         ) from None
+    by_depth = {}
+    try:
+        for d, tables in (data.get("match_by_depth") or {}).items():
+            by_depth[int(d)] = tuple(
+                np.array([tables[str(r + 1)][f] for r in range(topk)], np.float64)
+                for f in ("matched", "count")
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CalibrationError(
+            f"{path}: field 'match_by_depth' needs, per depth, ranks 1..{topk} with "
+            f"'matched' and 'count' lists ({exc!r})"
+        ) from None
     try:
         confidence = {int(d): np.array(rows, np.float32) for d, rows in conf.items()}
         depths = {int(d): (int(v["reached"]), int(v["accepted"])) for d, v in per_depth.items()}
@@ -186,8 +226,9 @@ def load_calibration(path: str | Path | None = None) -> Calibration:
         ) from None
     try:
         return Calibration(
-            bins_arr, matched, count, confidence, depths, data.get("source", {}), str(path)
-        )
+            bins_arr, matched, count, confidence, depths, data.get("source", {}), str(path),
+            by_depth,
+        )  # fmt: skip
     except ValueError as exc:
         raise CalibrationError(f"{path}: {exc}") from None
 
@@ -207,5 +248,5 @@ def expected_chain_acceptance(cal: Calibration, depth: int, samples: int = 20000
     out = []
     for d in range(1, depth + 1):
         q = cal.sample_confidence(rng, d, samples, 1)[:, 0]
-        out.append(float(cal.match_prob(q, np.zeros(samples, int)).mean()))
+        out.append(float(cal.match_prob(q, np.zeros(samples, int), d).mean()))
     return out

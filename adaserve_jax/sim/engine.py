@@ -161,7 +161,8 @@ class SimEngine:
         log_f[active, 1 : 1 + k] = rv
         depths[:, 1 : 1 + k] = 1
         # the target's token at the root: one of its k children or none
-        self._draw_truth(truth, active, np.zeros((a, 1), np.int64), np.exp(rv)[:, None, :], 1)
+        root = np.zeros((a, 1), np.int64)
+        self._draw_truth(truth, active, root, np.exp(rv)[:, None, :], 1, depth=1)
 
         cand = np.broadcast_to(np.arange(1, 1 + k), (a, k))  # [A, C] node ids of candidates
         nxt = 1 + k
@@ -180,7 +181,7 @@ class SimEngine:
                 np.repeat(log_f[active[:, None], frontier], k, axis=1) + lq
             )
             depths[:, child] = j
-            self._draw_truth(truth, active, frontier, q, nxt)
+            self._draw_truth(truth, active, frontier, q, nxt, depth=j)
             cand = np.broadcast_to(child, (a, w * k))
             nxt += w * k
         self._truth = truth
@@ -190,14 +191,14 @@ class SimEngine:
         return DraftTrees(tokens, parents, log_f, depths)
 
     # ---- internals ---------------------------------------------------------------------
-    def _draw_truth(
-        self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray, q: np.ndarray, first: int
-    ) -> None:
-        """For parent nodes i64[A, P] whose k children (probabilities q f32[A, P, k], node ids
-        `first + (p * k + rank)`) were drafted: which child is the target's token (0: none)."""
+    def _draw_truth(self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray,
+                    q: np.ndarray, first: int, depth: int) -> None:  # fmt: skip
+        """For parent nodes i64[A, P] whose k children at `depth` (probabilities q f32[A, P, k],
+        node ids `first + (p * k + rank)`) were drafted: which child is the target's token
+        (0: none)."""
         a, p, k = q.shape
         rank = np.broadcast_to(np.arange(k), q.shape)
-        m = self.calibration.match_prob(q, rank)  # [A, P, k]
+        m = self.calibration.match_prob(q, rank, depth)  # [A, P, k]
         cum = np.cumsum(m, axis=-1)
         cum /= np.maximum(cum[..., -1:], 1.0)  # a sum above 1 is renormalized
         u = self.rng.random((a, p, 1))

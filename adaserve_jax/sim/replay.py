@@ -70,6 +70,7 @@ def build_requests(
     max_output_len: int,
     max_len: int,
     prompt_lengths: Sequence[int] | None = None,
+    max_prompt_len: int | None = None,
 ) -> list[Request]:
     """Token-free requests: prompt ids are placeholders of the right length."""
     if max_output_len <= 0:
@@ -78,7 +79,7 @@ def build_requests(
     for i, e in enumerate(entries):
         out_len = min(e.output_length, max_output_len)
         n = e.input_length if prompt_lengths is None else prompt_lengths[i]
-        n = max(1, min(n, max_len - out_len))
+        n = max(1, min(n, max_len - out_len, max_prompt_len or n))
         out.append(
             Request(
                 request_id=f"trace-{e.index}",

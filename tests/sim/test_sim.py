@@ -12,7 +12,7 @@ from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.scheduler.request import Request
 from adaserve_jax.sim.__main__ import main as sim_main
-from adaserve_jax.sim.calibrate import Recorder
+from adaserve_jax.sim.calibrate import record_simulated
 from adaserve_jax.sim.calibration import (
     Calibration,
     CalibrationError,
@@ -152,32 +152,7 @@ def test_speculative_step_time_is_verify_plus_draft(cal):
 
 def test_acceptance_matches_calibration(cal):
     """Recording the simulator with the real-pair recorder recovers the calibration."""
-    prof = paper_profile()
-    clock = VirtualClock()
-    eng = SimEngine(prof, cal, num_slots=32, max_len=4096, clock=clock, seed=1)
-    policy = "tree:3,2"
-    shape = parse_policy(policy).shape
-    rec = Recorder(3, 2, num_bins=10)
-    inner_expand = eng.expand
-
-    def expand(*a):
-        trees = inner_expand(*a)
-        rec.on_trees(trees)
-        return trees
-
-    eng.expand = expand
-    sched = Scheduler(eng, policy=policy, token_budget=1024, clock=clock)
-    inner_commit = sched._commit_tree
-
-    def commit(r, seg, tgt, now):
-        rec.on_commit(r.slot, seg, tgt, shape)
-        return inner_commit(r, seg, tgt, now)
-
-    sched._commit_tree = commit
-    for i in range(32):
-        sched.submit(Request(f"r{i}", (1,) * 8, 160))
-    sched.run_until_done()
-    got = rec.result({})
+    got = record_simulated(cal, depth=3, topk=2, requests=32, max_tokens=160, seed=1)
     ok = got.count >= 200
     assert ok[0].sum() >= 4
     want = cal.matched / cal.count
