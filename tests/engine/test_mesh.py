@@ -181,6 +181,8 @@ def test_params_and_caches_are_split(tp_run):
 
 def test_pallas_kernel_per_shard_matches_reference(tp_run):
     assert tp_run["pallas_max_err"] < 1e-5
+    # and inside the sharded flat step (cache writes, prefill + tree), vs XLA on one device
+    assert tp_run["pallas_engine_max_err"] < 1e-4
 
 
 def test_bad_device_counts_fail_at_start_up(tp_run):
