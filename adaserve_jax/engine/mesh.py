@@ -67,6 +67,11 @@ def make_mesh(devices: int | Sequence[jax.Device] | None) -> Mesh | None:
                 f"device(s) are visible (on CPU, set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={devices} before importing jax)"
             )
+        if jax.process_count() > 1 and devices != len(available):
+            raise ValueError(
+                f"devices={devices}: a {jax.process_count()}-process job must use all "
+                f"{len(available)} global devices (every process needs its share)"
+            )
         chosen = available[:devices]
     elif isinstance(devices, Sequence) and devices and not isinstance(devices, str):
         chosen = list(devices)
