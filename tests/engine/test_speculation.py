@@ -46,8 +46,10 @@ def test_policies_are_token_identical_to_autoregressive(spec_engines, draft, pol
     if draft == "self" and not sampling and policy.startswith("spec:"):
         # a draft identical to the target drafts the greedy chain: always fully accepted
         assert accepted == steps * 3
-    elif draft == "self" and not sampling:
+    elif draft == "self" and not sampling and policy.startswith("tree:"):
         assert accepted >= steps * 2  # beam trees may drop the greedy path at depth 3
+    elif draft == "self" and not sampling:
+        assert accepted > 0  # adaserve verifies what its budget allows
 
 
 def _reference(engine, prompt, n, sampling):
