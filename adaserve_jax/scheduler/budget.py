@@ -219,8 +219,13 @@ class GeometricAcceptance:
         if not (np.all(np.isfinite(k)) and np.all(np.isfinite(acc))):
             raise ValueError("tokens_per_request and accepted must be finite")
         alphas = np.arange(0.0, 0.999, 0.001)[:, None]  # [G, 1]
-        pred = (1.0 - alphas**k) / (1.0 - alphas)  # [G, S]
-        return cls(float(alphas[np.argmin(((pred - acc) ** 2).sum(axis=1)), 0]))
+        # group samples by distinct k (a handful of values): same squared error, K << S columns
+        ks, inv = np.unique(k, return_inverse=True)
+        count = np.bincount(inv, minlength=ks.size).astype(np.float64)
+        total = np.bincount(inv, weights=acc, minlength=ks.size)
+        pred = (1.0 - alphas**ks) / (1.0 - alphas)  # [G, K]
+        sse = (count * pred * pred - 2.0 * total * pred).sum(axis=1)  # + const sum(acc^2)
+        return cls(float(alphas[np.argmin(sse), 0]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

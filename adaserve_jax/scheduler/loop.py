@@ -194,6 +194,8 @@ class Scheduler:
             if r.cached == r.prompt_len:
                 r.phase = Phase.DECODE
                 self._emit(r, [int(sampled[off + n - 1])], now)
+        if spec:
+            self._refit_acceptance()
         self.iterations += 1
         self.step_log.append(
             StepRecord(
@@ -298,6 +300,9 @@ class Scheduler:
 
     def _observe_acceptance(self, verified: int, accepted: int) -> None:
         self._acc_samples.append((verified, accepted + 1))
+
+    def _refit_acceptance(self) -> None:
+        """Refit E(k) from the recent verify results, once every 32 iterations."""
         if len(self._acc_samples) >= 16 and self.iterations % 32 == 0:
             k, a = zip(*self._acc_samples, strict=True)
             self.acceptance = GeometricAcceptance.fit(k, a)
