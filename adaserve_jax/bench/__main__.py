@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-buckets", type=_ints, default=None, help="e.g. 1,4,16,64")
     ap.add_argument("--ctx-buckets", type=_ints, default=None, help="e.g. 64,256")
     ap.add_argument("--token-budget", type=_positive(int), default=None)
+    ap.add_argument(
+        "--baseline",
+        choices=("profile", "measured"),
+        default="profile",
+        help="baseline TPOT scaling SLOs and arrivals: the engine's start-up profile, or one "
+        "request served alone through the scheduler right before the replay (includes host "
+        "overhead and current machine load)",
+    )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -146,11 +154,26 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
 
-    from adaserve_jax.bench.replay import build_requests, run_sweep
+    from adaserve_jax.bench.replay import build_requests, measure_baseline_tpot_ms, run_sweep
 
+    baseline = engine.baseline_tpot_ms
     try:
+        if args.baseline == "measured":
+            probe = build_requests(
+                engine, entries[:1], max_output_len=32, max_prompt_len=args.max_prompt_len
+            )[0]
+            baseline = measure_baseline_tpot_ms(engine, probe)
+            print(
+                f"measured baseline TPOT {baseline:.2f} ms "
+                f"(profile: {engine.baseline_tpot_ms:.2f} ms)",
+                flush=True,
+            )
         requests = build_requests(
-            engine, entries, max_output_len=args.max_output_len, max_prompt_len=args.max_prompt_len
+            engine,
+            entries,
+            max_output_len=args.max_output_len,
+            max_prompt_len=args.max_prompt_len,
+            baseline_tpot_ms=baseline,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {args.workload}: {exc}") from None
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = _settings(args, engine, len(entries), scales, speculative)
 
     def save(points: list[dict]) -> dict:
-        result = {"baseline_tpot_ms": engine.baseline_tpot_ms, "settings": settings}
+        result = {"baseline_tpot_ms": baseline, "settings": settings}
         result["sweep"] = points
         if len(scales) == 1 and points:
             result["time_scale"] = points[0]["time_scale"]
@@ -170,8 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
             out.write_text(json.dumps(result, indent=2) + "\n")
         return result
 
+    settings["baseline"] = args.baseline
+    settings["profile_baseline_tpot_ms"] = engine.baseline_tpot_ms
     sweep = run_sweep(
-        engine, entries, requests, args.policies, scales, progress=progress, on_run=save
+        engine,
+        entries,
+        requests,
+        args.policies,
+        scales,
+        baseline_tpot_ms=baseline,
+        progress=progress,
+        on_run=save,
     )
     result = save(sweep)
     if args.json_out:

@@ -31,15 +31,10 @@ def plot_sweep(result: dict, out: str | Path) -> Path:
     policies = list(dict.fromkeys(name for p in points for name in p["policies"]))
     fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in policies:
-        xs = [_load(p) for p in points if name in p["policies"]]
-        att = [
-            100 * (p["policies"][name]["attainment"] or 0.0)
-            for p in points
-            if name in p["policies"]
-        ]
-        good = [
-            p["policies"][name]["goodput_tokens_per_s"] for p in points if name in p["policies"]
-        ]
+        ok = [p for p in points if "error" not in p["policies"].get(name, {"error": 1})]
+        xs = [_load(p) for p in ok]
+        att = [100 * (p["policies"][name]["attainment"] or 0.0) for p in ok]
+        good = [p["policies"][name]["goodput_tokens_per_s"] for p in ok]
         marker = "*" if name == "adaserve" else "o"
         ax_a.plot(xs, att, marker=marker, label=name)
         ax_g.plot(xs, good, marker=marker, label=name)
@@ -70,7 +65,7 @@ def plot_sweep(result: dict, out: str | Path) -> Path:
 def plot_run(result: dict, out: str | Path) -> Path:
     """One load point: attainment per category (grouped bars) and goodput per policy."""
     plt = _pyplot()
-    pols = result["policies"]
+    pols = {k: v for k, v in result["policies"].items() if "error" not in v}
     names = list(pols)
     cats = [c for c in CATEGORY_ORDER if any(c in p["per_category"] for p in pols.values())]
     groups = ["overall", *cats]

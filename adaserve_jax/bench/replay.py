@@ -52,8 +52,13 @@ def build_requests(
     *,
     max_output_len: int,
     max_prompt_len: int | None = None,
+    baseline_tpot_ms: float | None = None,
 ) -> list[Request]:
-    """Tokenize, truncate and validate the trace entries (before any timing)."""
+    """Tokenize, truncate and validate the trace entries (before any timing).
+
+    TPOT SLO = the entry's multiple of `baseline_tpot_ms` (default: the engine's).
+    """
+    baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     if max_output_len <= 0:
         raise ValueError(f"{max_output_len=} must be > 0")
     if engine.tokenizer is None:
@@ -78,9 +83,27 @@ def build_requests(
                 temperature=0.0,
                 seed=0,
                 category=e.category,
+                tpot_slo_ms=e.slo_multiple * baseline,
             )
         )
     return requests
+
+
+def measure_baseline_tpot_ms(engine, request: Request, repeats: int = 3) -> float:
+    """Median TPOT (ms) of `request` served alone, autoregressively, through the scheduler.
+
+    Unlike the start-up profile (the bare device step), this includes the host loop and
+    whatever else the machine is running now.
+    """
+    tpots = []
+    for _ in range(repeats):
+        sched = engine._scheduler("autoregressive")
+        state = sched.submit(request)
+        sched.run_until_done()
+        if state.mean_tpot_s() is None:
+            raise ValueError(f"{request.max_tokens=} must be >= 2 to measure a TPOT")
+        tpots.append(state.mean_tpot_s() * 1e3)
+    return float(np.median(tpots))
 
 
 def replay(
@@ -166,25 +189,39 @@ def run_sweep(
     policies: Sequence[str],
     time_scales: Sequence[float],
     *,
+    baseline_tpot_ms: float | None = None,
     progress: bool = True,
     log=print,
     on_run: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Every policy at every time scale; returns [{time_scale, offered_rps, policies}].
 
+    A policy run that raises is recorded as `{"error": "..."}` and the sweep goes on.
+
     `requests[i]` is `entries[i]` built by `build_requests`. `on_run(partial)` is called
     after every policy run (e.g. to save partial results of a long sweep).
     """
     out = []
+    baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     for scale in time_scales:
-        arrivals = arrival_times_s(list(entries), engine.baseline_tpot_ms, scale)
+        arrivals = arrival_times_s(list(entries), baseline, scale)
         point = {"time_scale": scale, "offered_rps": offered_rps(arrivals), "policies": {}}
         for policy in policies:
-            run = replay(
-                engine, policy, requests, arrivals, progress=progress, desc=f"{policy} x{scale:g}"
-            )
-            point["policies"][policy] = run.summary
-            log(format_summary(policy, scale, run.summary), flush=True)
+            try:
+                run = replay(
+                    engine,
+                    policy,
+                    requests,
+                    arrivals,
+                    progress=progress,
+                    desc=f"{policy} x{scale:g}",
+                )
+            except Exception as exc:  # one policy's failure must not lose the whole sweep
+                point["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"[{policy} @ time-scale {scale:g}] FAILED: {type(exc).__name__}: {exc}")
+            else:
+                point["policies"][policy] = run.summary
+                log(format_summary(policy, scale, run.summary), flush=True)
             if on_run is not None:
                 on_run([*out, point])
         out.append(point)

@@ -12,8 +12,12 @@ import pytest
 
 from adaserve_jax import ModelConfig
 from adaserve_jax.bench.__main__ import main
+from adaserve_jax.bench.replay import build_requests, run_sweep
+from adaserve_jax.bench.workload import load_workload
 from adaserve_jax.model import init_params
 from adaserve_jax.model.checkpoint import save_model_dir
+from adaserve_jax.scheduler.loop import Scheduler
+from adaserve_jax.scheduler.request import Request
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "checkpoints" / "tokenizer.json"
@@ -108,3 +112,50 @@ def test_malformed_workload_fails_before_loading_models(tmp_path):
         main(["--workload", str(workload), "--target", str(tmp_path / "no-such-model")])
     msg = str(err.value.code)
     assert "broken.json" in msg and "entry 2" in msg and "'slo_ratio'" in msg
+
+
+class FakeEngine:
+    """Host-only stand-in: the target continues token t with t + 1 (no device, no jax)."""
+
+    num_slots, max_len, has_draft, baseline_tpot_ms = 4, 512, False, 2.0
+    tokenizer = object()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [ord(c) % 97 + 1 for c in prompt]
+
+    def make_request(self, ids, *, max_tokens, request_id, category, tpot_slo_ms, **_):
+        return Request(
+            request_id, tuple(ids), max_tokens, tpot_slo_ms=tpot_slo_ms, category=category
+        )
+
+    def forward(self, segments, moves=()):
+        tokens = np.concatenate([s.tokens for s in segments])
+        offsets = tuple(int(x) for x in np.cumsum([0] + [len(s) for s in segments])[:-1])
+        return (tokens + 1) % 1000, offsets
+
+    def _scheduler(self, policy, **kwargs):
+        if policy == "sarathi":
+            raise RuntimeError("boom")
+        return Scheduler(self, policy=policy, **kwargs)
+
+
+def test_sweep_on_fake_engine_records_a_failing_policy_and_goes_on(tmp_path):
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    entries = load_workload(workload)
+    engine = FakeEngine()
+    requests = build_requests(engine, entries, max_output_len=5, max_prompt_len=8)
+    assert all(len(r.prompt_ids) <= 8 and r.max_tokens == 5 for r in requests)
+    slos = {r.category: r.tpot_slo_ms for r in requests}
+    assert slos == pytest.approx({"coding": 2.4, "chat": 2.0 * 50 / 30, "summarization": 10.0})
+    saved = []
+    sweep = run_sweep(
+        engine, entries, requests, ["autoregressive", "sarathi"], [0.01], progress=False,
+        log=lambda *a, **k: None, on_run=saved.append,
+    )  # fmt: skip
+    assert len(saved) == 2
+    pols = sweep[0]["policies"]
+    assert pols["sarathi"] == {"error": "RuntimeError: boom"}
+    ar = pols["autoregressive"]
+    assert ar["requests"] == 6 and ar["output_tokens"] == 30 and ar["failed"] == 0
+    assert ar["ttft_p50_ms"] >= 0.0 and ar["mean_accepted_per_step"] == 1.0
