@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_TOKEN = "test-token-123"
 MAX_BATCH = 4
+POLICY = "spec:2"  # speculative: stream messages carry up to 3 tokens
 TRAIN_TEXT = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
     "héllo wörld, naïve café — ✓ 日本語 テキスト",
@@ -61,7 +62,8 @@ class ServerProcess:
             sys.executable,
             str(ROOT / "serve.py"),
             "--target", str(model_dir),
-            "--draft", "",
+            "--draft", str(model_dir),  # the target as its own draft: greedy accepts all
+            "--policy", POLICY,
             "--port", str(self.port),
             "--metrics-port", str(self.metrics_port),
             "--token-buckets", "1,4,16,64",

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_process import MAX_BATCH
+from server_process import MAX_BATCH, POLICY
 
 from adaserve_jax.client import Client, build_request
 from adaserve_jax.server import adaserve_pb2 as pb
@@ -23,12 +23,11 @@ PROMPT = [5, 17, 42, 99, 3]
 
 
 def stream(client: Client, request: pb.GenerateRequest, **kw) -> tuple[list, str, pb.Finish]:
-    tokens, text, finish, sizes = [], "", None, []
+    tokens, text, finish = [], "", None
     for msg in client.generate(request, **kw):
         assert finish is None, "nothing may follow the finish message"
         tokens += msg.token_ids
         text += msg.text
-        sizes.append(len(msg.token_ids))
         if msg.HasField("finish"):
             finish = msg.finish
     assert finish is not None
@@ -62,16 +61,19 @@ def test_health_reflection_and_info(server, client):
     assert {"adaserve.v1.Generation", "grpc.health.v1.Health"} <= names
     info = client.server_info()
     assert info.slots_total == MAX_BATCH and info.target.vocab_size == 384
-    assert info.has_tokenizer and info.max_context == 256 and info.policy == "autoregressive"
+    assert info.has_tokenizer and info.max_context == 256 and info.policy == POLICY
     assert {c.name for c in info.categories} == {"coding", "chat", "summarization"}
-    assert not info.HasField("draft")
+    assert info.draft.vocab_size == 384
 
 
 def test_stream_equals_once_token_ids(client):
     req = build_request(PROMPT, max_tokens=24, tpot_slo_ms=10_000.0)
+    sizes = [len(m.token_ids) for m in client.generate(req)]
+    assert max(sizes) == 3  # the draft is the target: speculation accepts both drafted tokens
     tokens, text, finish = stream(client, req)
     once = client.generate_once(req, timeout=60)
     assert tokens == list(once.token_ids) and len(tokens) == 24
+    assert finish.speculation.accepted_tokens > 0
     assert text == once.text
     assert finish.reason == pb.FINISH_REASON_LENGTH
     assert finish.usage.prompt_tokens == len(PROMPT) and finish.usage.completion_tokens == 24
@@ -95,6 +97,13 @@ def test_stream_equals_once_text_and_stop(client):
         once2 = client.generate_once(req2, timeout=60)
         assert text2 == once2.text and stop not in text2
         assert finish2.reason == pb.FINISH_REASON_STOP
+
+
+def test_stream_equals_once_seeded_sampling(client):
+    req = build_request("def fib(n):", max_tokens=32, temperature=0.8, top_p=0.9, seed=7)
+    tokens, text, _ = stream(client, req)
+    once = client.generate_once(req, timeout=60)
+    assert tokens == list(once.token_ids) and text == once.text
 
 
 def test_64_concurrent_streams(client):
@@ -247,7 +256,9 @@ def test_sigterm_drains_in_flight_then_exits_0(server, client):
     first = next(call)
     backlog = [
         client.stub.GenerateOnce.future(
-            build_request([9, i], max_tokens=240), timeout=120, metadata=client.metadata
+            build_request([9, i], max_tokens=240, temperature=1.0, seed=i),  # few accepted
+            timeout=120,
+            metadata=client.metadata,
         )
         for i in range(120)
     ]
