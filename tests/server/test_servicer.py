@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,3 +169,12 @@ def test_text_stream_never_sends_stop_text():
     sent = "".join(stream.push(data[: i + 1]) for i in range(len(data)))
     assert sent == "hello "
     assert stream.finish("hello ") == ""
+
+
+def test_server_layer_does_not_import_jax():
+    code = (
+        "import sys, adaserve_jax.server.app, adaserve_jax.client; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
