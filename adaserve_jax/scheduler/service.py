@@ -39,12 +39,28 @@ class RequestHandle:
         return self.request.request_id
 
     def __iter__(self) -> Iterator[list[int]]:
-        """Yields the token lists as they are produced; ends when the request finishes."""
+        """Yields the tokens produced since the last yield; ends when the request finishes.
+
+        A consumer that falls behind gets everything queued meanwhile in one list, so a
+        slow reader costs one message per read, not one per loop iteration.
+        """
         while True:
             item = self._events.get()
             if item is _DONE:
                 return
+            done = False
+            while True:
+                try:
+                    more = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _DONE:
+                    done = True
+                    break
+                item = item + more
             yield item
+            if done:
+                return
 
     def cancel(self) -> None:
         self._service._cancel(self)
