@@ -87,7 +87,7 @@ class SimEngine:
     def forward(
         self, segments: list[Segment], moves: list[Move]
     ) -> tuple[np.ndarray, tuple[int, ...]]:
-        t0 = time.process_time()
+        t0 = time.thread_time()
         lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
         offsets = np.zeros(len(segments), np.int64)
         np.cumsum(lens[:-1], out=offsets[1:])
@@ -112,12 +112,12 @@ class SimEngine:
             where = np.repeat(offsets[trees] - starts, tl) + np.arange(int(tl.sum()))
             sampled[where] = self._truth[rows, nodes]
         self._tree_ctx[:] = -1
-        self.cpu_seconds += time.process_time() - t0
+        self.cpu_seconds += time.thread_time() - t0
         return sampled, tuple(int(o) for o in offsets)
 
     def draft_step(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Top-k draft log-probs for every batch token; only segment ends are drawn (roots)."""
-        t0 = time.process_time()
+        t0 = time.thread_time()
         lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
         offsets = np.zeros(len(segments), np.int64)
         np.cumsum(lens[:-1], out=offsets[1:])
@@ -134,12 +134,12 @@ class SimEngine:
             q = self.calibration.sample_confidence(self.rng, 1, len(segments), k)
             with np.errstate(divide="ignore"):
                 vals[ends] = np.log(np.maximum(q, 1e-30))
-        self.cpu_seconds += time.process_time() - t0
+        self.cpu_seconds += time.thread_time() - t0
         return vals, toks, tuple(int(o) for o in offsets)
 
     def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
         """Simulated trees for the rows with a root (root_pos > 0); see the module docstring."""
-        t0 = time.process_time()
+        t0 = time.thread_time()
         s, n = self.num_slots, shape.num_nodes
         k, w, depth = shape.topk, shape.width, shape.depth
         root_pos = np.asarray(root_pos)
@@ -187,7 +187,7 @@ class SimEngine:
         self._truth = truth
         self._tree_ctx[:] = -1
         self._tree_ctx[active] = root_pos[active]
-        self.cpu_seconds += time.process_time() - t0
+        self.cpu_seconds += time.thread_time() - t0
         return DraftTrees(tokens, parents, log_f, depths)
 
     # ---- internals ---------------------------------------------------------------------

@@ -52,9 +52,9 @@ def measure(profile, calibration, policy: str, running: int, budget: int, iterat
     inner_select = sched._adaserve_select
 
     def timed_select(decode, trees):  # CPU time of the budget rule + selector
-        c = time.process_time()
+        c = time.thread_time()
         out = inner_select(decode, trees)
-        sel_cpu[0] += time.process_time() - c
+        sel_cpu[0] += time.thread_time() - c
         return out
 
     sched._adaserve_select = timed_select
@@ -63,9 +63,9 @@ def measure(profile, calibration, policy: str, running: int, budget: int, iterat
         profiler.enable()
     sel_cpu[0] = 0.0
     for _ in range(iterations):
-        c0, e0, v0 = time.process_time(), eng.cpu_seconds, clock()
+        c0, e0, v0 = time.thread_time(), eng.cpu_seconds, clock()
         sched.step()
-        host.append(time.process_time() - c0 - (eng.cpu_seconds - e0))
+        host.append(time.thread_time() - c0 - (eng.cpu_seconds - e0))
         virtual.append(clock() - v0)
         select.append(sched.step_log[-1].select_seconds)
     if profiler is not None:

@@ -190,10 +190,10 @@ def simulate(
             states.append(state)
             nxt += 1
         if sched.has_work():
-            w0, e0, it = time.process_time(), engine.cpu_seconds, sched.iterations
+            w0, e0, it = time.thread_time(), engine.cpu_seconds, sched.iterations
             sched.step()
             if sched.iterations > it:
-                host.append(time.process_time() - w0 - (engine.cpu_seconds - e0))
+                host.append(time.thread_time() - w0 - (engine.cpu_seconds - e0))
         elif nxt < total:
             clock.advance_to(arrivals_s[nxt])
     unfinished = [s.request.request_id for s in states if s.phase is not Phase.DONE]

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
             att = sum(s["attainment"] for s in sims) / len(sims)
             good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
             acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
+            wall = sum(s["wall_s"] for s in sims) / len(sims)
+            tpot = sum(s["tpot_p50_ms"] or 0.0 for s in sims) / len(sims)
             row = {
                 "policy": policy,
                 "time_scale": point["time_scale"],
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
                 else None,
                 "real_accepted_per_step": rs["mean_accepted_per_step"],
                 "sim_accepted_per_step": acc,
+                "real_wall_s": rs["wall_s"],
+                "sim_wall_s": wall,
+                "real_tpot_p50_ms": rs["tpot_p50_ms"],
+                "sim_tpot_p50_ms": tpot,
             }
             rows.append(row)
             gap = row["goodput_gap"]
@@ -106,7 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"sim {att:.1%} ({row['attainment_gap_pp']:+.1f} pp); goodput real "
                 f"{rs['goodput_tokens_per_s']:.1f} sim {good:.1f} "
                 f"({'-' if gap is None else format(gap, '+.1%')}); accepted/step real "
-                f"{rs['mean_accepted_per_step']:.2f} sim {acc:.2f}",
+                f"{rs['mean_accepted_per_step']:.2f} sim {acc:.2f}; wall real "
+                f"{rs['wall_s']:.1f} s sim {wall:.1f} s; TPOT p50 real "
+                f"{rs['tpot_p50_ms'] or 0:.0f} ms sim {tpot:.0f} ms",
                 flush=True,
             )
     out = {"bench_json": args.bench_json, "profile": profile.name, "rows": rows}
