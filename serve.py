@@ -55,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--token-buckets", type=_ints, default=None, help="e.g. 1,4,16,64")
     p.add_argument("--ctx-buckets", type=_ints, default=None, help="e.g. 64,256")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="tensor-parallel over the first N devices (global count; docs/MESH.md)",
+    )
+    from adaserve_jax.engine.mesh import DistributedConfig
+
+    DistributedConfig.add_arguments(p)  # --distributed --coordinator-address --num-processes ...
     g = p.add_argument_group("gRPC serving")
     g.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     g.add_argument("--port", type=int, default=50051)
@@ -79,7 +88,27 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kw["token_buckets"] = args.token_buckets
     if args.ctx_buckets:
         kw["ctx_buckets"] = args.ctx_buckets
+    if args.devices:
+        kw["devices"] = args.devices
     return kw
+
+
+def follow(args: argparse.Namespace) -> int:
+    """A non-primary process of a multi-host job: build the same Engine, replay process 0."""
+    from adaserve_jax import Engine, load_model
+
+    target = load_model(args.target)
+    if args.prompt is not None:  # mirrors one_shot()
+        engine = Engine(target, **_engine_kwargs(args))
+    else:  # mirrors serve()
+        draft = load_model(args.draft) if args.draft else None
+        policy = args.policy or ("adaserve" if args.draft else "autoregressive")
+        engine = Engine(
+            target, draft, policy=policy, max_queue=args.max_queue, progress=False,
+            **_engine_kwargs(args),
+        )  # fmt: skip
+    engine.follow()
+    return 0
 
 
 def one_shot(args: argparse.Namespace) -> int:
@@ -105,6 +134,8 @@ def one_shot(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        engine.stop_followers()
     seconds = time.perf_counter() - start
     print(args.prompt + (out.text if out.text is not None else str(out.token_ids)))
     n = len(out.token_ids)
@@ -186,6 +217,7 @@ def serve(args: argparse.Namespace) -> int:
         pass
     log.info("draining: up to %.1f s for in-flight requests", args.drain_seconds)
     finished = server.drain(args.drain_seconds)
+    engine.stop_followers()
     log.info("stopped (%s)", "drained" if finished else "grace period over: cancelled the rest")
     # RPC worker threads still blocked on a cancelled request must not hold up the exit.
     logging.shutdown()
@@ -198,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax restore chatter
+    from adaserve_jax.engine.mesh import DistributedConfig, initialize_distributed, is_primary
+
+    try:
+        initialize_distributed(DistributedConfig.from_args(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not is_primary():
+        return follow(args)
     if args.prompt is not None:
         return one_shot(args)
     return serve(args)
