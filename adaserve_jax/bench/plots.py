@@ -5,6 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 CATEGORY_ORDER = ("coding", "chat", "summarization")
+# one colour per policy across every plot (matplotlib's default cycle, fixed order)
+POLICY_COLORS = {
+    "autoregressive": "tab:blue",
+    "sarathi": "tab:orange",
+    "spec:2": "tab:green",
+    "tree:2,2": "tab:red",
+    "adaserve": "tab:purple",
+}
 
 
 def _pyplot():
@@ -36,8 +44,9 @@ def plot_sweep(result: dict, out: str | Path) -> Path:
         att = [100 * (p["policies"][name]["attainment"] or 0.0) for p in ok]
         good = [p["policies"][name]["goodput_tokens_per_s"] for p in ok]
         marker = "*" if name == "adaserve" else "o"
-        ax_a.plot(xs, att, marker=marker, label=name)
-        ax_g.plot(xs, good, marker=marker, label=name)
+        color = POLICY_COLORS.get(name)
+        ax_a.plot(xs, att, marker=marker, label=name, color=color)
+        ax_g.plot(xs, good, marker=marker, label=name, color=color)
     ax_a.set_xlabel("offered load (requests/s, scaled trace)")
     ax_a.set_ylabel("SLO attainment (%)")
     ax_a.set_ylim(0, 102)

@@ -63,19 +63,22 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
     workload = tmp_path / "trace.json"
     workload.write_text(json.dumps(trace(6)))
     out, plot = tmp_path / "res.json", tmp_path / "res.png"
-    # tiny model's baseline ~1 ms: x30 makes the arrivals span about the trace's 0.5 s
+    # tiny model's baseline ~1 ms: x30 makes the arrivals span about the trace's 0.5 s.
+    # Budget 32 < largest bucket 64: adaserve's draft catch-up can exceed the verify budget.
     main(
         [
             "--workload", str(workload), "--target", str(model_pair / "target"),
             "--draft", str(model_pair / "draft"), "--policy", "autoregressive",
             "--policy", "adaserve", "--num-requests", "6", "--max-output-len", "12",
-            "--time-scale", "30", "--max-batch", "4", "--token-buckets", "1,4,16,64",
-            "--ctx-buckets", "64,256", "--json", str(out), "--plot", str(plot), "--no-progress",
+            "--time-scale", "30", "--baseline", "measured", "--max-batch", "4",
+            "--token-buckets", "1,4,16,64", "--ctx-buckets", "64,256", "--json", str(out),
+            "--plot", str(plot), "--no-progress", "--token-budget", "32",
         ]
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert plot.stat().st_size > 0
     assert isinstance(result["baseline_tpot_ms"], float) and result["baseline_tpot_ms"] > 0
+    assert result["settings"]["baseline"] == "measured"
     assert set(result["policies"]) == {"autoregressive", "adaserve"}
     for name, p in result["policies"].items():
         assert p["requests"] == 6, name  # every request completed
