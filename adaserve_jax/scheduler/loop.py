@@ -97,6 +97,14 @@ class Scheduler:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
         if self.policy.speculative and not engine.has_draft:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
+        if self.policy.shape is not None:
+            need = engine.num_slots * (self.policy.shape.depth + 1)
+            if token_budget < need:
+                raise ValueError(
+                    f"{token_budget=} is below {engine.num_slots} slots x (depth "
+                    f"{self.policy.shape.depth} + 1) = {need}: the draft's catch-up step "
+                    f"would not fit; lower max_batch or the depth, or raise the budget"
+                )
         self.token_budget = token_budget
         self.prefill_chunk = prefill_chunk
         self.profile = profile
@@ -160,7 +168,7 @@ class Scheduler:
         decode = [r for r in self.running if r.phase is Phase.DECODE]
         spec = self.policy.speculative and bool(decode)
         self._select_seconds = 0.0
-        prefill = self._plan_prefill(budget=self.token_budget - self._decode_reserve(len(decode)))
+        prefill = self._plan_prefill(budget=self.token_budget - self._decode_reserve(decode))
         self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
             Segment.chain(
@@ -207,11 +215,22 @@ class Scheduler:
             )
         )
 
-    def _decode_reserve(self, n_decode: int) -> int:
-        """Budget kept for decoding requests before prefill chunks are planned."""
-        if self.policy.shape is None or self.policy.kind is PolicyKind.ADASERVE:
-            return n_decode
-        return n_decode * (1 + self.policy.shape.depth * self.policy.shape.width)
+    def _decode_reserve(self, decode: list[RequestState]) -> int:
+        """Budget kept for decoding requests before prefill chunks are planned.
+
+        Covers both steps that carry the prefill chunks: the target's verify step (roots, or
+        the fixed tree of a fixed policy) and, under speculation, the draft step (each
+        request's catch-up chain of accepted tokens + root).
+        """
+        n = len(decode)
+        shape = self.policy.shape
+        if shape is None:
+            return n
+        catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
+        verify = (
+            n if self.policy.kind is PolicyKind.ADASERVE else n * (1 + shape.depth * shape.width)
+        )
+        return max(verify, catch_up)
 
     def _plan_prefill(self, budget: int) -> list[tuple[RequestState, int]]:
         plan = []
@@ -248,9 +267,15 @@ class Scheduler:
         if self.policy.kind is PolicyKind.ADASERVE:
             selections = self._adaserve_select(decode, trees)
         else:
-            selections = [fixed_selection(trees, r.slot, shape) for r in decode]
+            # a fixed tree per request, trimmed evenly when they do not all fit the step
+            share = max(1, (self.token_budget - self._prefill_tokens) // len(decode))
+            selections = [fixed_selection(trees, r.slot, shape)[:share] for r in decode]
         segs = []
         for r, sel in zip(decode, selections, strict=True):
+            # never verify past the slot's rows or past the tokens the request still wants;
+            # selections are sorted by node index, so a prefix is still a connected tree
+            room = min(self.engine.max_len - r.cached, r.request.max_tokens - len(r.output))
+            sel = sel[: max(1, room)]
             row = r.slot
             remap = {int(n): i for i, n in enumerate(sel)}
             parents = np.array(
@@ -299,7 +324,8 @@ class Scheduler:
         return list(sel.nodes)
 
     def _observe_acceptance(self, verified: int, accepted: int) -> None:
-        self._acc_samples.append((verified, accepted + 1))
+        if verified > 1:  # a root-only step says nothing about acceptance
+            self._acc_samples.append((verified, accepted + 1))
 
     def _refit_acceptance(self) -> None:
         """Refit E(k) from the recent verify results, once every 32 iterations."""

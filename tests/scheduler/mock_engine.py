@@ -15,12 +15,25 @@ from adaserve_jax.engine.tree import DraftTrees, TreeShape, tree_depths
 class MockEngine:
     has_draft = True
 
-    def __init__(self, num_slots: int = 4, max_len: int = 512, vocab: int = 1000, p_right=0.8):
+    def __init__(
+        self, num_slots=4, max_len=512, vocab=1000, p_right=0.8, max_step_tokens=64
+    ) -> None:
         self.num_slots, self.max_len, self.vocab, self.p_right = num_slots, max_len, vocab, p_right
+        self.max_step_tokens = max_step_tokens  # like the largest token bucket
         self.forward_calls: list[list] = []
         self.moves_seen: list = []
 
+    def _check(self, segments):
+        """What the real engine rejects: too many tokens for a step, rows past the slot."""
+        total = sum(len(s) for s in segments)
+        if total > self.max_step_tokens:
+            raise ValueError(f"{total} tokens exceed the largest token bucket")
+        for s in segments:
+            if s.ctx_len + len(s) > self.max_len:
+                raise ValueError(f"segment needs cache rows past {self.max_len}")
+
     def forward(self, segments, moves=()):
+        self._check(segments)
         self.forward_calls.append(list(segments))
         self.moves_seen.extend(moves)
         tokens = np.concatenate([s.tokens for s in segments]) if segments else np.zeros(0, int)
@@ -31,6 +44,7 @@ class MockEngine:
         return (tokens + 1) % self.vocab, tuple(offsets)
 
     def draft_step(self, segments):
+        self._check(segments)
         tokens = np.concatenate([s.tokens for s in segments])
         k = 8
         idx = (tokens[:, None] + 1 + np.arange(k)[None] * 7) % self.vocab

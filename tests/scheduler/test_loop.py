@@ -158,3 +158,21 @@ def test_scheduler_package_never_imports_jax():
         "adaserve_jax.scheduler.policy; assert 'jax' not in sys.modules, 'jax imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("policy", ["spec:4", "tree:3,2", "adaserve"])
+def test_trees_stay_inside_the_slot_and_the_step(policy):
+    # prompt + max_tokens fill the slot exactly: trees near the end must be truncated, and
+    # draft catch-up chains + prefill chunks must fit the largest step
+    eng = MockEngine(num_slots=4, max_len=40, max_step_tokens=20)
+    prof = LatencyProfile.cpu_reference() if policy == "adaserve" else None
+    sched = Scheduler(eng, policy=policy, token_budget=20, profile=prof)
+    reqs = [_req(i, prompt_len=10 + i, max_tokens=30 - i, tpot_slo_ms=10.0) for i in range(6)]
+    states = [sched.submit(r) for r in reqs]
+    sched.run_until_done()
+    assert [s.output for s in states] == [_expected(r) for r in reqs]
+
+
+def test_budget_too_small_for_draft_catch_up_is_rejected():
+    with pytest.raises(ValueError, match="catch-up"):
+        Scheduler(MockEngine(num_slots=8), policy="spec:4", token_budget=32)
