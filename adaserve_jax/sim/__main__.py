@@ -67,9 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="experiment: budget-rule fallback when no bucket meets the tightest SLO",
     )
     ap.add_argument(
+        "--decode-reserve",
+        choices=("stock", "tree"),
+        default="stock",
+        help="experiment: AdaServe reserves whole candidate trees before prefill chunks",
+    )
+    ap.add_argument(
         "--stock-scheduler",
         action="store_true",
-        help="scheduler/loop.py as is (same results, slower host: see sim/scheduler.py)",
+        help="use scheduler/loop.py's Scheduler class directly (no experiment hooks)",
     )
     ap.add_argument("--tokenizer", default=None, help="use real prompt token counts")
     ap.add_argument("--max-prompt-len", type=_positive(int), default=None)
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             seed=args.seed,
             stock_scheduler=args.stock_scheduler,
             budget_fallback=args.budget_fallback,
+            decode_reserve=args.decode_reserve,
         )
     except (ProfileError, CalibrationError, WorkloadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -166,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": settings.seed,
             "stock_scheduler": settings.stock_scheduler,
             "budget_fallback": settings.budget_fallback,
+            "decode_reserve": settings.decode_reserve,
             "tokenizer": args.tokenizer,
             "max_prompt_len": args.max_prompt_len,
             "sim_seconds": time.perf_counter() - t0,

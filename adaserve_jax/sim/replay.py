@@ -48,8 +48,9 @@ class SimSettings:
     prefill_chunk: int = 512  # sarathi's per-step prefill chunk
     max_len: int = 4096  # context per slot
     seed: int = 0
-    stock_scheduler: bool = False  # True: scheduler/loop.py as is (slower host; same results)
+    stock_scheduler: bool = False  # True: plain Scheduler (same as SimScheduler w/o experiments)
     budget_fallback: str = "stock"  # "throughput": experimental budget-rule fallback (scheduler.py)
+    decode_reserve: str = "stock"  # "tree": experiment, AdaServe reserves whole trees
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "prefill_chunk", "max_len"):
@@ -165,10 +166,14 @@ def simulate(
     extra = {}
     if settings.stock_scheduler:
         cls = Scheduler
-        if settings.budget_fallback != "stock":
-            raise ValueError("budget_fallback needs the sim scheduler (stock_scheduler=False)")
+        if settings.budget_fallback != "stock" or settings.decode_reserve != "stock":
+            raise ValueError("experiments need the sim scheduler (stock_scheduler=False)")
     else:
-        cls, extra = SimScheduler, {"budget_fallback": settings.budget_fallback}
+        cls = SimScheduler
+        extra = {
+            "budget_fallback": settings.budget_fallback,
+            "decode_reserve": settings.decode_reserve,
+        }
     sched = cls(
         engine,
         policy=policy,

@@ -1,18 +1,17 @@
-"""The shared `Scheduler` with one host-time fix that changes no decision (numpy only).
+"""Two opt-in scheduling experiments on top of the shared `Scheduler` (numpy only).
 
-`Scheduler._observe_acceptance` (scheduler/loop.py) refits the geometric acceptance model
-inside the per-request commit loop, so on a refit iteration (every 32nd) it runs
-`GeometricAcceptance.fit` once *per decoding request* — 64 fits of ~15 ms each with 64
-running requests. Only the last fit of the iteration is ever used (the model is read by the
-next iteration's budget rule), so `SimScheduler` records the samples exactly as the stock
-method does and fits once, after the iteration, on the same samples. The fit itself groups
-samples by their verified-token count (a handful of distinct values) before the same
-999-point grid search, so it returns the same alpha up to floating-point summation order.
+`SimScheduler()` with default arguments *is* the shared scheduler (scheduler/loop.py); the
+simulator uses it so that experiments are flags, never a fork. (An earlier version carried a
+host-time fix here, one acceptance refit per iteration instead of one per request; it is
+upstream now, commit e3cc563.) The experiments, each one changed line of the AdaServe path,
+measure two findings of the paper-scale simulation (SIMULATION.md):
 
-Every other line of the scheduler (admission, budget rule, selection, acceptance walk, KV
-bookkeeping) is the shared code; `tests/sim/test_sim.py` checks that a replay with
-`SimScheduler` and with the stock `Scheduler` produce identical request outputs and
-timings. The same change belongs in loop.py (reported in SIMULATION.md).
+- `budget_fallback="throughput"`: when no budget bucket meets the tightest SLO, the budget
+  rule takes the bucket with the most expected tokens per second instead of the smallest.
+- `decode_reserve="tree"`: AdaServe reserves every decoding request's whole candidate tree
+  (as the fixed policies reserve theirs) before chunked prefill takes the rest of the token
+  budget; stock AdaServe reserves only the roots, so a busy prefill queue leaves it
+  roots-only steps.
 """
 
 from __future__ import annotations
@@ -22,48 +21,37 @@ import time
 import numpy as np
 
 from adaserve_jax.engine.tree import DraftTrees
-from adaserve_jax.scheduler.budget import GeometricAcceptance, choose_budget
+from adaserve_jax.scheduler.budget import choose_budget
 from adaserve_jax.scheduler.loop import NO_SLO_MS, Scheduler
+from adaserve_jax.scheduler.policy import PolicyKind
 from adaserve_jax.scheduler.request import RequestState
 from adaserve_jax.scheduler.selector import SelectionInput, select
 from adaserve_jax.scheduler.tree_shape import TreeShapeConfig
 
-_ALPHAS = np.arange(0.0, 0.999, 0.001)[:, None]  # [G, 1], the grid of GeometricAcceptance.fit
-
-
-def fit_geometric(tokens_per_request, accepted) -> GeometricAcceptance:
-    """`GeometricAcceptance.fit` with samples grouped by distinct k (same grid, same argmin)."""
-    k = np.maximum(np.asarray(tokens_per_request, dtype=np.float64), 1.0)
-    acc = np.asarray(accepted, dtype=np.float64)
-    ks, inv = np.unique(k, return_inverse=True)
-    n = np.bincount(inv, minlength=ks.size).astype(np.float64)  # samples per k
-    s = np.bincount(inv, weights=acc, minlength=ks.size)  # sum of accepted per k
-    pred = (1.0 - _ALPHAS**ks) / (1.0 - _ALPHAS)  # [G, K]
-    sse = (n * pred * pred - 2.0 * s * pred).sum(axis=1) + float((acc * acc).sum())
-    return GeometricAcceptance(float(_ALPHAS[np.argmin(sse), 0]))
-
 
 class SimScheduler(Scheduler):
-    """`Scheduler` fitting the acceptance model once per refit iteration (module docstring)."""
+    """The shared `Scheduler` plus the opt-in experiments of the module docstring."""
 
-    def __init__(self, *args, budget_fallback: str = "stock", **kwargs) -> None:
+    def __init__(
+        self, *args, budget_fallback: str = "stock", decode_reserve: str = "stock", **kwargs
+    ) -> None:
         if budget_fallback not in ("stock", "throughput"):
             raise ValueError(f"{budget_fallback=} must be 'stock' or 'throughput'")
+        if decode_reserve not in ("stock", "tree"):
+            raise ValueError(f"{decode_reserve=} must be 'stock' or 'tree'")
+        self.decode_reserve = decode_reserve
         super().__init__(*args, **kwargs)
-        self._refit_due = False
         self.budget_fallback = budget_fallback
 
-    def _observe_acceptance(self, verified: int, accepted: int) -> None:
-        self._acc_samples.append((verified, accepted + 1))
-        if len(self._acc_samples) >= 16 and self.iterations % 32 == 0:
-            self._refit_due = True
-
-    def step(self) -> None:
-        super().step()
-        if self._refit_due:
-            self._refit_due = False
-            k, a = zip(*self._acc_samples, strict=True)
-            self.acceptance = fit_geometric(k, a)
+    def _decode_reserve(self, decode: list[RequestState]) -> int:
+        """Stock, or (experiment, `decode_reserve="tree"`) for AdaServe: keep room for every
+        decoding request's whole candidate tree before chunked prefill takes the rest, as
+        the fixed policies do (stock AdaServe reserves only the roots)."""
+        shape = self.policy.shape
+        stock = super()._decode_reserve(decode)
+        if self.decode_reserve == "stock" or self.policy.kind is not PolicyKind.ADASERVE:
+            return stock
+        return max(stock, min(self.token_budget, len(decode) * shape.num_nodes))
 
     def _adaserve_select(self, decode: list[RequestState], trees: DraftTrees) -> list[np.ndarray]:
         """Stock selection, or (experiment, `budget_fallback="throughput"`) the same with one

@@ -22,7 +22,6 @@ from adaserve_jax.sim.calibration import (
 from adaserve_jax.sim.engine import SimEngine, VirtualClock
 from adaserve_jax.sim.profiles import ProfileError, load_profile, load_profile_file
 from adaserve_jax.sim.replay import SimSettings, build_requests, simulate
-from adaserve_jax.sim.scheduler import fit_geometric
 
 POLICIES = ("autoregressive", "sarathi", "spec:3", "tree:3,2", "adaserve")
 
@@ -105,16 +104,17 @@ def test_sim_scheduler_matches_stock_scheduler(tmp_path, cal):
     np.testing.assert_array_equal(fast.virtual_step_s, stock.virtual_step_s)
 
 
-def test_fit_geometric_matches_stock_fit():
-    from adaserve_jax.scheduler.budget import GeometricAcceptance
-
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        k = rng.integers(1, 16, 200)
-        a = np.minimum(rng.geometric(0.4, 200), k)
-        assert fit_geometric(k, a).alpha == pytest.approx(
-            GeometricAcceptance.fit(k, a).alpha, abs=1.5e-3
-        )
+@pytest.mark.parametrize(
+    "experiment", [{"decode_reserve": "tree"}, {"budget_fallback": "throughput"}]
+)
+def test_experiments_run(tmp_path, cal, experiment):
+    entries = load_workload(write_trace(tmp_path / "trace.json", n=12, gap_ms=20.0))
+    prof = paper_profile()
+    reqs = build_requests(entries, prof.baseline_tpot_ms, max_output_len=24, max_len=1024)
+    arr = arrival_times_s(entries, prof.baseline_tpot_ms)
+    settings = SimSettings(max_batch=8, token_budget=128, max_len=1024, **experiment)
+    run = simulate(prof, cal, "adaserve", reqs, arr, settings)
+    assert run.summary["output_tokens"] == 12 * 24
 
 
 def test_virtual_time_advances_exactly_by_profile(cal):
