@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         flush=True,
                     )
     if args.hotspots:
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # CPU time: contention-proof attribution
         policy = (args.policies or ["adaserve"])[0]
         measure(profile, cal, policy, max(args.running), max(args.budgets), args.iterations,
                 profiler=prof)  # fmt: skip
