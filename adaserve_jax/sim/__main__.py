@@ -191,9 +191,10 @@ def run(args: argparse.Namespace) -> dict:
         out.write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {out}")
     if args.plot:
-        from adaserve_jax.bench.plots import plot_run, plot_sweep
+        from adaserve_jax.bench.plots import plot_run
+        from adaserve_jax.sim.plots import plot_load_sweep
 
-        path = plot_sweep(result, args.plot) if len(sweep) > 1 else plot_run(result, args.plot)
+        path = plot_load_sweep(result, args.plot) if len(sweep) > 1 else plot_run(result, args.plot)
         log(f"wrote {path}")
     return result
 

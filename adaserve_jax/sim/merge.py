@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("inputs", nargs="+")
     ap.add_argument("--json", dest="json_out", required=True)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
     out = merge([json.loads(Path(p).read_text()) for p in args.inputs])
     Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json_out}")
     if args.plot:
-        from adaserve_jax.bench.plots import plot_sweep
+        from adaserve_jax.sim.plots import plot_load_sweep
 
-        print(f"wrote {plot_sweep(out, args.plot)}")
+        print(f"wrote {plot_load_sweep(out, args.plot, args.title)}")
     return out
 
 
