@@ -11,7 +11,8 @@ Parameter names follow Hugging Face's Llama layout so imports are a rename.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
