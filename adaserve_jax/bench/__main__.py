@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--simulate", metavar="PROFILE", help="simulated engine (SIMULATION.md)")
     args = ap.parse_args(argv)
     args.policies = args.policies or list(DEFAULT_POLICIES)
     for name in args.policies:
@@ -112,6 +113,10 @@ def _read_profile(engine) -> dict | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.simulate:  # paper-scale simulation on a virtual clock: same args, same JSON
+        from adaserve_jax.sim.__main__ import run_from_bench_args
+
+        return run_from_bench_args(args)
     try:
         entries = take(load_workload(args.workload), args.num_requests)
     except WorkloadError as exc:

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="experiment: AdaServe reserves whole candidate trees before prefill chunks",
     )
     ap.add_argument(
+        "--fixed-alpha",
+        type=float,
+        default=None,
+        help="experiment: budget rule uses GeometricAcceptance(ALPHA), never refitted",
+    )
+    ap.add_argument(
         "--stock-scheduler",
         action="store_true",
         help="use scheduler/loop.py's Scheduler class directly (no experiment hooks)",
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
             stock_scheduler=args.stock_scheduler,
             budget_fallback=args.budget_fallback,
             decode_reserve=args.decode_reserve,
+            fixed_alpha=args.fixed_alpha,
         )
     except (ProfileError, CalibrationError, WorkloadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -174,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
             "stock_scheduler": settings.stock_scheduler,
             "budget_fallback": settings.budget_fallback,
             "decode_reserve": settings.decode_reserve,
+            "fixed_alpha": settings.fixed_alpha,
             "tokenizer": args.tokenizer,
             "max_prompt_len": args.max_prompt_len,
             "sim_seconds": time.perf_counter() - t0,

@@ -51,6 +51,7 @@ class SimSettings:
     stock_scheduler: bool = False  # True: plain Scheduler (same as SimScheduler w/o experiments)
     budget_fallback: str = "stock"  # "throughput": experimental budget-rule fallback (scheduler.py)
     decode_reserve: str = "stock"  # "tree": experiment, AdaServe reserves whole trees
+    fixed_alpha: float | None = None  # experiment: fixed acceptance model for the budget rule
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "prefill_chunk", "max_len"):
@@ -152,7 +153,7 @@ def simulate(
     arrivals_s = np.asarray(arrivals_s, np.float64)
     if np.any(np.diff(arrivals_s) < 0):
         raise ValueError("arrival times must be sorted")
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     clock = VirtualClock()
     engine = SimEngine(
         profile,
@@ -166,13 +167,18 @@ def simulate(
     extra = {}
     if settings.stock_scheduler:
         cls = Scheduler
-        if settings.budget_fallback != "stock" or settings.decode_reserve != "stock":
+        if (
+            settings.budget_fallback != "stock"
+            or settings.decode_reserve != "stock"
+            or settings.fixed_alpha is not None
+        ):
             raise ValueError("experiments need the sim scheduler (stock_scheduler=False)")
     else:
         cls = SimScheduler
         extra = {
             "budget_fallback": settings.budget_fallback,
             "decode_reserve": settings.decode_reserve,
+            "fixed_alpha": settings.fixed_alpha,
         }
     sched = cls(
         engine,
@@ -221,6 +227,7 @@ def simulate(
     summary["offered_rps"] = offered_rps(arrivals_s)
     summary["host_overhead"] = float(host_arr.sum() / virtual.sum()) if virtual.sum() else 0.0
     summary["sim_seconds"] = time.perf_counter() - t_start
+    summary["sim_cpu_seconds"] = time.process_time() - cpu_start
     return SimRun(
         policy,
         summary,

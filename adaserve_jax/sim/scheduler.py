@@ -12,6 +12,8 @@ measure two findings of the paper-scale simulation (SIMULATION.md):
   (as the fixed policies reserve theirs) before chunked prefill takes the rest of the token
   budget; stock AdaServe reserves only the roots, so a busy prefill queue leaves it
   roots-only steps.
+- `fixed_alpha=a`: the budget rule's acceptance model is `GeometricAcceptance(a)`, never
+  refitted (stock refits a geometric chain model to the trees AdaServe itself selected).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import numpy as np
 
 from adaserve_jax.engine.tree import DraftTrees
-from adaserve_jax.scheduler.budget import choose_budget
+from adaserve_jax.scheduler.budget import GeometricAcceptance, choose_budget
 from adaserve_jax.scheduler.loop import NO_SLO_MS, Scheduler
 from adaserve_jax.scheduler.policy import PolicyKind
 from adaserve_jax.scheduler.request import RequestState
@@ -33,7 +35,12 @@ class SimScheduler(Scheduler):
     """The shared `Scheduler` plus the opt-in experiments of the module docstring."""
 
     def __init__(
-        self, *args, budget_fallback: str = "stock", decode_reserve: str = "stock", **kwargs
+        self,
+        *args,
+        budget_fallback: str = "stock",
+        decode_reserve: str = "stock",
+        fixed_alpha: float | None = None,
+        **kwargs,
     ) -> None:
         if budget_fallback not in ("stock", "throughput"):
             raise ValueError(f"{budget_fallback=} must be 'stock' or 'throughput'")
@@ -42,6 +49,13 @@ class SimScheduler(Scheduler):
         self.decode_reserve = decode_reserve
         super().__init__(*args, **kwargs)
         self.budget_fallback = budget_fallback
+        self.fixed_alpha = fixed_alpha
+        if fixed_alpha is not None:
+            self.acceptance = GeometricAcceptance(fixed_alpha)
+
+    def _refit_acceptance(self) -> None:
+        if self.fixed_alpha is None:
+            super()._refit_acceptance()
 
     def _decode_reserve(self, decode: list[RequestState]) -> int:
         """Stock, or (experiment, `decode_reserve="tree"`) for AdaServe: keep room for every

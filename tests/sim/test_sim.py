@@ -274,3 +274,14 @@ def test_cli_bad_profile_exits_with_message(tmp_path):
     trace = write_trace(tmp_path / "trace.json", n=3)
     with pytest.raises(SystemExit, match="unknown profile"):
         sim_main(["--profile", "nope", "--workload", str(trace)])
+
+
+def test_bench_simulate_flag_delegates(tmp_path, cal):
+    from adaserve_jax.bench.__main__ import main as bench_main
+
+    trace = write_trace(tmp_path / "trace.json", n=6)
+    out = tmp_path / "b.json"
+    argv = ["--workload", str(trace), "--simulate", "paper-llama70b", "--policy", "spec:2"]
+    argv += ["--num-requests", "6", "--max-output-len", "8", "--json", str(out)]
+    result = bench_main(argv)
+    assert result["simulated"] is True and json.loads(out.read_text())["policies"]["spec:2"]
