@@ -45,7 +45,8 @@ def test_policies_are_token_identical_to_autoregressive(spec_engines, draft, pol
     assert steps > 0 and all(o.stats.selected >= o.stats.accepted for o in out)
     if draft == "self" and not sampling and policy.startswith("spec:"):
         # a draft identical to the target drafts the greedy chain: always fully accepted
-        assert accepted == steps * 3
+        # (the last step of a request may verify a shorter chain: only the tokens it needs)
+        assert accepted == sum(o.stats.selected for o in out) >= steps * 3 - len(out) * 3
     elif draft == "self" and not sampling and policy.startswith("tree:"):
         assert accepted >= steps * 2  # beam trees may drop the greedy path at depth 3
     elif draft == "self" and not sampling:
