@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="experiment: budget rule uses GeometricAcceptance(ALPHA), never refitted",
     )
     ap.add_argument(
+        "--fair-cap",
+        type=float,
+        default=None,
+        help="experiment: selector node_cap = ceil(C * budget / running requests)",
+    )
+    ap.add_argument(
         "--stock-scheduler",
         action="store_true",
         help="use scheduler/loop.py's Scheduler class directly (no experiment hooks)",
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
             budget_fallback=args.budget_fallback,
             decode_reserve=args.decode_reserve,
             fixed_alpha=args.fixed_alpha,
+            fair_cap=args.fair_cap,
         )
     except (ProfileError, CalibrationError, WorkloadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace) -> dict:
             "budget_fallback": settings.budget_fallback,
             "decode_reserve": settings.decode_reserve,
             "fixed_alpha": settings.fixed_alpha,
+            "fair_cap": settings.fair_cap,
             "tokenizer": args.tokenizer,
             "max_prompt_len": args.max_prompt_len,
             "sim_seconds": time.perf_counter() - t0,

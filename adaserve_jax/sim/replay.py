@@ -52,6 +52,7 @@ class SimSettings:
     budget_fallback: str = "stock"  # "throughput": experimental budget-rule fallback (scheduler.py)
     decode_reserve: str = "stock"  # "tree": experiment, AdaServe reserves whole trees
     fixed_alpha: float | None = None  # experiment: fixed acceptance model for the budget rule
+    fair_cap: float | None = None  # experiment: selector node_cap = ceil(c * budget / n)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "prefill_chunk", "max_len"):
@@ -171,6 +172,7 @@ def simulate(
             settings.budget_fallback != "stock"
             or settings.decode_reserve != "stock"
             or settings.fixed_alpha is not None
+            or settings.fair_cap is not None
         ):
             raise ValueError("experiments need the sim scheduler (stock_scheduler=False)")
     else:
@@ -179,6 +181,7 @@ def simulate(
             "budget_fallback": settings.budget_fallback,
             "decode_reserve": settings.decode_reserve,
             "fixed_alpha": settings.fixed_alpha,
+            "fair_cap": settings.fair_cap,
         }
     sched = cls(
         engine,

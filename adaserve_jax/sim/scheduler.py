@@ -12,6 +12,8 @@ measure two findings of the paper-scale simulation (SIMULATION.md):
   (as the fixed policies reserve theirs) before chunked prefill takes the rest of the token
   budget; stock AdaServe reserves only the roots, so a busy prefill queue leaves it
   roots-only steps.
+- `fair_cap=c`: pass the selector's existing `node_cap` = ceil(c x budget / n) per request
+  (stock passes none), so the SLO phase cannot hand whole trees to the most-behind requests.
 - `fixed_alpha=a`: the budget rule's acceptance model is `GeometricAcceptance(a)`, never
   refitted (stock refits a geometric chain model to the trees AdaServe itself selected).
 """
@@ -40,6 +42,7 @@ class SimScheduler(Scheduler):
         budget_fallback: str = "stock",
         decode_reserve: str = "stock",
         fixed_alpha: float | None = None,
+        fair_cap: float | None = None,
         **kwargs,
     ) -> None:
         if budget_fallback not in ("stock", "throughput"):
@@ -50,6 +53,7 @@ class SimScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.budget_fallback = budget_fallback
         self.fixed_alpha = fixed_alpha
+        self.fair_cap = fair_cap
         if fixed_alpha is not None:
             self.acceptance = GeometricAcceptance(fixed_alpha)
 
@@ -71,7 +75,7 @@ class SimScheduler(Scheduler):
         """Stock selection, or (experiment, `budget_fallback="throughput"`) the same with one
         change to the budget rule: when no bucket meets the tightest SLO, take the bucket with
         the most expected tokens per second instead of the smallest bucket."""
-        if self.budget_fallback == "stock" or self.profile is None:
+        if (self.budget_fallback == "stock" and self.fair_cap is None) or self.profile is None:
             return super()._adaserve_select(decode, trees)
         t0 = time.perf_counter()
         shape = self.policy.shape
@@ -84,7 +88,7 @@ class SimScheduler(Scheduler):
             max_depth=shape.depth, max_width=shape.width,
         )  # fmt: skip
         choice = choose_budget(self.profile, n, self.acceptance, slos, shape=cfg)
-        if not choice.fits_slo:
+        if not choice.fits_slo and self.budget_fallback == "throughput":
             choice = choose_budget(self.profile, n, self.acceptance, slos, shape=cfg,
                                    slo_margin=1e12)  # fmt: skip
         budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
@@ -100,6 +104,9 @@ class SimScheduler(Scheduler):
                 budget=int(budget),
                 t_iter_s=float(t_iter),
                 max_depth=shape.depth,
+                node_cap=None
+                if self.fair_cap is None
+                else max(2, int(np.ceil(self.fair_cap * budget / n))),
             )
         )
         self._select_seconds += time.perf_counter() - t0
