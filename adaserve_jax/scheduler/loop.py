@@ -34,12 +34,11 @@ from adaserve_jax.scheduler.budget import (
     AcceptanceModel,
     GeometricAcceptance,
     LatencyProfile,
-    choose_budget,
+    choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.policy import Policy, PolicyKind, fixed_selection, parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.selector import SelectionInput, select
-from adaserve_jax.scheduler.tree_shape import TreeShapeConfig
 
 NO_SLO_MS = 1e9  # requests without a TPOT SLO are never behind
 
@@ -298,14 +297,15 @@ class Scheduler:
         slos = np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in decode])
         avail = max(self.token_budget - self._prefill_tokens, n)
         budget, t_iter = avail, 0.0
-        if self.profile is not None:
-            cfg = TreeShapeConfig(
-                verify_budget=self.token_budget, draft_budget=1 << 20, min_depth=shape.depth,
-                max_depth=shape.depth, max_width=shape.width,
-            )  # fmt: skip
-            choice = choose_budget(self.profile, n, self.acceptance, slos, shape=cfg)
-            budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
         rows = np.array([r.slot for r in decode])
+        if self.profile is not None:
+            draft_ms = 0.0
+            if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
+                draft_ms = shape.depth * float(self.profile.draft.latency_ms(n * shape.width))
+            choice = choose_budget_from_trees(
+                self.profile, trees.log_f[rows], slos, max_budget=avail, draft_ms=draft_ms
+            )
+            budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
         num_nodes = trees.tokens.shape[1]
         sel = select(
             SelectionInput(
