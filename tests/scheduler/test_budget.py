@@ -227,3 +227,19 @@ def test_choose_budget_validation(kwargs, field):
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
         choose_budget(**args)
+
+
+def test_budget_from_trees_reads_expected_tokens_off_the_trees():
+    from adaserve_jax.scheduler.budget import LatencyProfile, choose_budget_from_trees
+
+    prof = LatencyProfile.from_tables({2: 10.0, 4: 10.0, 8: 40.0})
+    # two requests: roots (f=1) plus two confident nodes each, then unlikely ones
+    log_f = np.log(np.array([[1.0, 0.9, 0.8, 0.01, 0.01], [1.0, 0.9, 0.8, 0.01, 0.01]]))
+    loose = choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=8)
+    assert loose.budget == 4  # 2 + 1.8 tokens in 10 ms beats 2 in 10 ms and 5.64 in 40 ms
+    assert abs(loose.expected_accepted - 3.8) < 1e-9 and loose.fits_slo
+    # SLO too tight for any bucket: fall back to the best throughput, not to roots only
+    tight = choose_budget_from_trees(prof, log_f, [1e-4, 1.0], max_budget=8)
+    assert tight.budget == 4 and not tight.fits_slo
+    # the caller's cap wins
+    assert choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=2).budget == 2
