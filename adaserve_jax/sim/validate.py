@@ -27,7 +27,7 @@ from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, token
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_profile(settings: dict):
+def _bench_profile(settings: dict, host_ms: float = 0.0):
     prof = settings.get("latency_profile")
     if not prof:
         raise SystemExit("error: the bench JSON records no latency_profile; use --profile local")
@@ -38,6 +38,7 @@ def _bench_profile(settings: dict):
         "baseline_tpot_ms": prof["baseline_tpot_ms"],
         "pad_to_buckets": True,
         "expand_rows": "all",
+        "host_ms": host_ms,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(data, f)
@@ -51,11 +52,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokenizer", default=str(ROOT / "checkpoints" / "tokenizer.json"))
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--seeds", type=int, default=3, help="simulator seeds averaged")
+    ap.add_argument(
+        "--host-ms",
+        type=float,
+        default=0.0,
+        help="host time per iteration added to the bench profile (the real engine's Python)",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     real = json.loads(Path(args.bench_json).read_text())
     st = real["settings"]
-    profile = _bench_profile(st) if args.profile == "bench" else load_profile(args.profile)
+    if args.profile == "bench":
+        profile = _bench_profile(st, args.host_ms)
+    else:
+        profile = load_profile(args.profile)
     baseline = real["baseline_tpot_ms"]
     cal = load_calibration(args.calibration)
     entries = take(load_workload(st["workload"]), st["num_requests"])
@@ -117,7 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{rs['tpot_p50_ms'] or 0:.0f} ms sim {tpot:.0f} ms",
                 flush=True,
             )
-    out = {"bench_json": args.bench_json, "profile": profile.name, "rows": rows}
+    out = {
+        "bench_json": args.bench_json,
+        "profile": profile.name,
+        "host_ms": profile.host_ms,
+        "calibration": cal.path,
+        "rows": rows,
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -105,7 +105,7 @@ def test_sim_scheduler_matches_stock_scheduler(tmp_path, cal):
 
 
 @pytest.mark.parametrize(
-    "experiment", [{"decode_reserve": "tree"}, {"budget_fallback": "throughput"}]
+    "experiment", [{"decode_reserve": "tree"}, {"budget_fallback": "throughput"}, {"fair_cap": 2.0}]
 )
 def test_experiments_run(tmp_path, cal, experiment):
     entries = load_workload(write_trace(tmp_path / "trace.json", n=12, gap_ms=20.0))
