@@ -26,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaserve_jax.corpus import EOT, Manifest, load_documents, tokenize_split
+from adaserve_jax.corpus import EOT, Manifest, load_documents, tokenize_documents, tokenize_split
 from adaserve_jax.model.checkpoint import load_model_dir
 from adaserve_jax.model.config import ModelConfig
 from adaserve_jax.model.llama import forward_causal
 from adaserve_jax.train import PRESETS, RUN_CONFIG, eval_windows
 
 CHAIN_DEPTH = 4
+CONTEXT_LINES = 12
+SAMPLE_TEMPERATURE = 0.5
+SAMPLE_TOKENS = 96
 
 
 @partial(jax.jit, static_argnums=(1,))
@@ -112,19 +115,21 @@ def chain_acceptance(
     }
 
 
-def function_headers(manifest: Manifest, count: int = 3) -> list[str]:
-    """`count` def-lines from distinct held-out code files (deterministic: manifest order)."""
+def function_headers(
+    manifest: Manifest, count: int = 3, context_lines: int = CONTEXT_LINES
+) -> list[tuple[str, str]]:
+    """(file context, def-line) from `count` distinct held-out code files, in manifest order.
+
+    The context is the `context_lines` lines before the header in its file (imports, the
+    enclosing class), so the model continues the header where it really occurs.
+    """
     pattern = re.compile(r"^\s*def \w+\(.*\).*:\s*$")
     headers = []
-    for entry, text in zip(
-        manifest.select("heldout", "code"),
-        load_documents(manifest.select("heldout", "code")),
-        strict=True,
-    ):
-        del entry
-        for line in text.splitlines():
-            if pattern.match(line) and len(line) < 90:
-                headers.append(line.strip() + "\n")
+    for text in load_documents(manifest.select("heldout", "code")):
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if pattern.match(line) and len(line) < 90 and i >= context_lines:
+                headers.append(("".join(lines[i - context_lines : i]), line))
                 break
         if len(headers) == count:
             break
@@ -137,8 +142,13 @@ def _next_logits(params, cfg: ModelConfig, buf, pos):
     return forward_causal(params, cfg, buf)[0, pos]
 
 
-def sample(model, tokenizer, prompt: str, max_new: int, temperature: float, seed: int) -> str:
-    """Temperature sampling without a KV cache (fixed-size buffer, one compile)."""
+def sample(
+    model, tokenizer, prompt: str, max_new: int, temperature: float, seed: int, min_new: int = 0
+) -> str:
+    """Temperature sampling without a KV cache (fixed-size buffer, one compile).
+
+    `<|endoftext|>` is masked for the first `min_new` tokens (so a sample is never empty).
+    """
     cfg, params = model
     eot = tokenizer.token_to_id(EOT)
     ids = [eot] + tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -149,6 +159,8 @@ def sample(model, tokenizer, prompt: str, max_new: int, temperature: float, seed
     n = len(ids)
     while n < size:
         logits = _next_logits(params, cfg, jnp.asarray(buf), n - 1)
+        if n - len(ids) < min_new:
+            logits = logits.at[eot].set(-jnp.inf)
         key, sub = jax.random.split(key)
         tok = int(jax.random.categorical(sub, logits / temperature))
         if tok == eot:
@@ -201,11 +213,31 @@ def evaluate(
         result[f"heldout_{kind}"] = loss_and_agreement(*pair, windows)
     code = tokenize_split(manifest_path, tokenizer_path, "heldout", "code", cache_dir)
     result["chain_depth4_greedy"] = chain_acceptance(*pair, code, num_prefixes=num_prefixes)
+    # The generated codec tables (encodings/*) are very repetitive: also report without them.
+    files = [f for f in manifest.select("heldout", "code") if "/encodings/" not in f.path]
+    plain = tokenize_documents(tokenizer, load_documents(files))
+    result["heldout_code_without_encodings"] = {
+        "files": [Path(f.path).name for f in files],
+        **loss_and_agreement(*pair, eval_windows(plain, target[0].max_seq_len, max_windows)),
+        "chain_depth4_greedy": chain_acceptance(*pair, plain, num_prefixes=num_prefixes),
+    }
     result["samples"] = [
-        {"prompt": h, "completion": sample(target, tokenizer, h, 96, 0.7, seed=i)}
-        for i, h in enumerate(function_headers(manifest))
+        {
+            "context": ctx,
+            "header": header,
+            "completion": sample(
+                target, tokenizer, ctx + header, SAMPLE_TOKENS, SAMPLE_TEMPERATURE, i, 16
+            ),
+        }
+        for i, (ctx, header) in enumerate(function_headers(manifest))
     ]
-    result["sampling"] = {"temperature": 0.7, "max_new_tokens": 96, "seeds": [0, 1, 2]}
+    result["sampling"] = {
+        "temperature": SAMPLE_TEMPERATURE,
+        "max_new_tokens": SAMPLE_TOKENS,
+        "min_new_tokens": 16,
+        "context_lines_before_header": CONTEXT_LINES,
+        "seeds": [0, 1, 2],
+    }
     for name in ("target", "draft"):
         summary = _training_summary(Path("runs") / name, PRESETS[name][1].tokens_per_step)
         if summary is not None:
@@ -225,7 +257,8 @@ def evaluate_cli(args) -> None:
         args.cache_dir,
     )
     out.write_text(json.dumps(result, indent=2) + "\n")
-    summary = {k: result[k] for k in ("heldout_code", "chain_depth4_greedy")}
+    keys = ("heldout_code", "chain_depth4_greedy", "heldout_code_without_encodings")
+    summary = {k: result[k] for k in keys}
     print(json.dumps(summary, indent=2))
     for s in result["samples"]:
-        print("-" * 60 + "\n" + s["prompt"] + s["completion"])
+        print("-" * 60 + "\n" + s["header"] + s["completion"])

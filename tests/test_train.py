@@ -14,7 +14,6 @@ import pytest
 from adaserve_jax import train as tr
 from adaserve_jax.model.checkpoint import load_model_dir
 from adaserve_jax.model.config import ModelConfig
-from adaserve_jax.model.llama import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig.tiny(
@@ -70,7 +69,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_distillation_kl_is_zero_against_itself():
-    params = init_params(CFG, 0)
+    params = tr._init_params(CFG, 0)
     batch = jnp.asarray(tr.sample_batch(_data(), 0, 0, 2, 16))
     losses = jax.jit(lambda p, b: tr._losses(CFG, p, b, CFG, p, 0.5))
     total, ce, kl = losses(params, batch)
@@ -134,12 +133,13 @@ def test_empty_data_and_missing_corpus_error(tmp_path):
 
 
 def test_embedding_init_from_teacher_keeps_token_geometry():
-    teacher_cfg = dataclasses.replace(CFG, hidden_size=64, head_dim=16, num_heads=4)
-    teacher = dict(init_params(teacher_cfg, 0))
     rng = np.random.default_rng(0)
     low_rank = rng.normal(size=(64, 8)) @ rng.normal(size=(8, 64))  # rank 8 <= student width
-    teacher["embed_tokens"] = jnp.asarray(low_rank, jnp.float32)
-    student = tr.embed_init_from_teacher(dict(init_params(CFG, 0)), teacher)
+    teacher = {"embed_tokens": jnp.asarray(low_rank, jnp.float32)}
+    other = {"norm": {"weight": jnp.ones(32)}}
+    student_init = {"embed_tokens": jnp.asarray(rng.normal(0, 0.02, (64, 32)), jnp.float32)}
+    student = tr.embed_init_from_teacher({**student_init, **other}, teacher)
+    assert student["norm"] is other["norm"]
     e_s = np.asarray(student["embed_tokens"], np.float64)
     assert e_s.shape == (64, 32)
     centred = low_rank - low_rank.mean(axis=0)
