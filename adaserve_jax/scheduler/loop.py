@@ -111,6 +111,9 @@ class Scheduler:
         self._acc_samples: collections.deque = collections.deque(maxlen=256)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
+        self._shallow_next = False  # adaserve: draft only depth 1 next iteration
+        self._adaserve_iters = 0
+        self.explore_every = 8
         self.eos_id = eos_id
         self.decode_text = decode_text
         self.on_tokens = on_tokens
@@ -262,6 +265,11 @@ class Scheduler:
         for seg in prefill_segs:
             owner = next(r for r in self.running if r.slot == seg.slot)
             owner.draft_cached = seg.ctx_len + len(seg)
+        if self.policy.kind is PolicyKind.ADASERVE and self._shallow_next:
+            # the last budget choice verified roots only: skip the deep expansion (its draft
+            # steps would be wasted) and offer the root's drafted children for free; every
+            # `explore_every` iterations the full tree is drafted again to re-check the choice
+            shape = TreeShape(1, shape.width, shape.topk)
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
         if self.policy.kind is PolicyKind.ADASERVE:
             selections = self._adaserve_select(decode, trees)
@@ -298,14 +306,19 @@ class Scheduler:
         avail = max(self.token_budget - self._prefill_tokens, n)
         budget, t_iter = avail, 0.0
         rows = np.array([r.slot for r in decode])
+        depth = int(trees.depth.max())  # this iteration's tree depth (1 when drafting shallow)
         if self.profile is not None:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
-                draft_ms = shape.depth * float(self.profile.draft.latency_ms(n * shape.width))
+                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
             choice = choose_budget_from_trees(
                 self.profile, trees.log_f[rows], slos, max_budget=avail, draft_ms=draft_ms
             )
             budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
+            self._adaserve_iters += 1
+            roots_only = budget <= n or choice.expected_accepted <= n * 1.25
+            explore = self._adaserve_iters % self.explore_every == 0
+            self._shallow_next = roots_only and not explore
         num_nodes = trees.tokens.shape[1]
         sel = select(
             SelectionInput(
@@ -317,7 +330,7 @@ class Scheduler:
                 tpot_slo_s=slos,
                 budget=int(budget),
                 t_iter_s=float(t_iter),
-                max_depth=shape.depth,
+                max_depth=depth,
             )
         )
         self._select_seconds += time.perf_counter() - t0
