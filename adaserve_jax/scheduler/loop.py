@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -114,6 +115,7 @@ class Scheduler:
         self._shallow_next = False  # adaserve: draft only depth 1 next iteration
         self._adaserve_iters = 0
         self.explore_every = 8
+        self.node_share = 2.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
         self.decode_text = decode_text
         self.on_tokens = on_tokens
@@ -331,6 +333,9 @@ class Scheduler:
                 budget=int(budget),
                 t_iter_s=float(t_iter),
                 max_depth=depth,
+                # per-request cap: a fair share (x2) of the budget, so the SLO phase cannot
+                # hand a far-behind request its whole tree of low-f nodes (SIMULATION.md)
+                node_cap=max(2, math.ceil(self.node_share * budget / n)),
             )
         )
         self._select_seconds += time.perf_counter() - t0
