@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import WorkloadError, load_workload, take
 from adaserve_jax.scheduler.policy import parse_policy
 
@@ -38,19 +38,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return v
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m adaserve_jax.bench", description=__doc__.splitlines()[0]
@@ -62,23 +49,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="policies",
         help=f"repeatable; default: {' '.join(DEFAULT_POLICIES)}",
     )
-    ap.add_argument("--num-requests", type=_positive(int), default=50, help="first N arrivals")
-    ap.add_argument("--max-output-len", type=_positive(int), default=64)
+    ap.add_argument("--num-requests", type=positive(int), default=50, help="first N arrivals")
+    ap.add_argument("--max-output-len", type=positive(int), default=64)
     ap.add_argument(
-        "--max-prompt-len", type=_positive(int), default=None, help="truncate prompts further"
+        "--max-prompt-len", type=positive(int), default=None, help="truncate prompts further"
     )
-    ap.add_argument("--time-scale", type=_positive(float), default=1.0)
+    ap.add_argument("--time-scale", type=positive(float), default=1.0)
     ap.add_argument(
-        "--time-scales", type=_positive(float), nargs="+", default=None, help="load sweep"
+        "--time-scales", type=positive(float), nargs="+", default=None, help="load sweep"
     )
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
     ap.add_argument("--plot", default=None, help="write a PNG here")
     ap.add_argument("--target", default=str(ROOT / "checkpoints" / "target"))
     ap.add_argument("--draft", default=str(ROOT / "checkpoints" / "draft"))
-    ap.add_argument("--max-batch", type=_positive(int), default=8)
+    ap.add_argument("--max-batch", type=positive(int), default=8)
     ap.add_argument("--token-buckets", type=_ints, default=None, help="e.g. 1,4,16,64")
     ap.add_argument("--ctx-buckets", type=_ints, default=None, help="e.g. 64,256")
-    ap.add_argument("--token-budget", type=_positive(int), default=None)
+    ap.add_argument("--token-budget", type=positive(int), default=None)
     ap.add_argument(
         "--baseline",
         choices=("profile", "measured"),

@@ -44,6 +44,20 @@ def percentile(values: Sequence[float | None], q: float) -> float | None:
     return float(np.percentile(xs, q))
 
 
+def request_result(state, speculative: bool) -> RequestResult:
+    """The metrics' view of one finished scheduler `RequestState` (real or simulated run)."""
+    steps = state.stats.steps if speculative else max(len(state.output) - 1, 0)
+    return RequestResult(
+        category=state.request.category or "none",
+        output_tokens=len(state.output),
+        tpot_slo_s=(state.request.tpot_slo_ms or float("inf")) / 1e3,
+        ttft_s=state.ttft_s(),
+        tpot_s=state.mean_tpot_s(),
+        verify_steps=steps,
+        accepted=state.stats.accepted if speculative else 0,
+    )
+
+
 def attainment(results: Sequence[RequestResult]) -> float:
     if not results:
         return float("nan")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from adaserve_jax.bench.metrics import RequestResult, summarize
+from adaserve_jax.bench.metrics import request_result, summarize
 from adaserve_jax.bench.workload import TraceEntry, arrival_times_s, offered_rps
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
@@ -151,7 +151,7 @@ def replay(
     if unfinished:
         raise RuntimeError(f"policy {policy}: requests {unfinished[:5]} never finished")
     speculative = parse_policy(policy).speculative
-    results = [_result(s, speculative) for s in states]
+    results = [request_result(s, speculative) for s in states]
     log = sched.step_log
     summary = summarize(
         results,
@@ -167,19 +167,6 @@ def replay(
     )
     summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
     return ReplayRun(policy, summary, states)
-
-
-def _result(s: RequestState, speculative: bool) -> RequestResult:
-    steps = s.stats.steps if speculative else max(len(s.output) - 1, 0)
-    return RequestResult(
-        category=s.request.category or "none",
-        output_tokens=len(s.output),
-        tpot_slo_s=(s.request.tpot_slo_ms or float("inf")) / 1e3,
-        ttft_s=s.ttft_s(),
-        tpot_s=s.mean_tpot_s(),
-        verify_steps=steps,
-        accepted=s.stats.accepted if speculative else 0,
-    )
 
 
 def run_sweep(

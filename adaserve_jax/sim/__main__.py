@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import WorkloadError, arrival_times_s, load_workload, take
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.sim.calibration import CalibrationError, load_calibration
@@ -30,19 +30,6 @@ from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, token
 DEFAULT_POLICIES = ("autoregressive", "sarathi", "spec:4", "tree:4,2", "adaserve")
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return v
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m adaserve_jax.sim", description=__doc__.splitlines()[0]
@@ -50,15 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", required=True, help="paper-llama70b, local, or a profile JSON")
     ap.add_argument("--workload", action="append", required=True, help="trace JSON; repeatable")
     ap.add_argument("--policy", action="append", dest="policies")
-    ap.add_argument("--num-requests", type=_positive(int), default=None, help="first N arrivals")
-    ap.add_argument("--max-output-len", type=_positive(int), default=256)
-    ap.add_argument("--time-scale", type=_positive(float), default=1.0)
-    ap.add_argument("--time-scales", type=_positive(float), nargs="+", default=None)
+    ap.add_argument("--num-requests", type=positive(int), default=None, help="first N arrivals")
+    ap.add_argument("--max-output-len", type=positive(int), default=256)
+    ap.add_argument("--time-scale", type=positive(float), default=1.0)
+    ap.add_argument("--time-scales", type=positive(float), nargs="+", default=None)
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: shipped)")
-    ap.add_argument("--max-batch", type=_positive(int), default=128)
-    ap.add_argument("--token-budget", type=_positive(int), default=1024)
-    ap.add_argument("--prefill-chunk", type=_positive(int), default=512)
-    ap.add_argument("--max-len", type=_positive(int), default=4096)
+    ap.add_argument("--max-batch", type=positive(int), default=128)
+    ap.add_argument("--token-budget", type=positive(int), default=1024)
+    ap.add_argument("--prefill-chunk", type=positive(int), default=512)
+    ap.add_argument("--max-len", type=positive(int), default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--budget-fallback",
@@ -90,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use scheduler/loop.py's Scheduler class directly (no experiment hooks)",
     )
     ap.add_argument("--tokenizer", default=None, help="use real prompt token counts")
-    ap.add_argument("--max-prompt-len", type=_positive(int), default=None)
+    ap.add_argument("--max-prompt-len", type=positive(int), default=None)
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--quiet", action="store_true")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adaserve_jax.bench.metrics import RequestResult, summarize
+from adaserve_jax.bench.metrics import request_result, summarize
 from adaserve_jax.bench.workload import TraceEntry, offered_rps
 from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.policy import parse_policy
@@ -114,19 +114,6 @@ def tokenized_lengths(
             room = min(room, max_prompt_len)
         out.append(min(len(tok.encode(e.prompt)), room))
     return out
-
-
-def _result(s: RequestState, speculative: bool) -> RequestResult:
-    steps = s.stats.steps if speculative else max(len(s.output) - 1, 0)
-    return RequestResult(
-        category=s.request.category or "none",
-        output_tokens=len(s.output),
-        tpot_slo_s=(s.request.tpot_slo_ms or float("inf")) / 1e3,
-        ttft_s=s.ttft_s(),
-        tpot_s=s.mean_tpot_s(),
-        verify_steps=steps,
-        accepted=s.stats.accepted if speculative else 0,
-    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -217,7 +204,7 @@ def simulate(
     speculative = parse_policy(policy).speculative
     log = sched.step_log
     summary = summarize(
-        [_result(s, speculative) for s in states],
+        [request_result(s, speculative) for s in states],
         wall_s,
         step_seconds=[r.seconds for r in log],
         select_seconds=[r.select_seconds for r in log],
