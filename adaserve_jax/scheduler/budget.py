@@ -316,22 +316,26 @@ def choose_budget_from_trees(
     *,
     max_budget: int,
     draft_ms: float = 0.0,
+    prefill_tokens: int = 0,
     slo_margin: float = 1.0,
 ) -> BudgetChoice:
-    """The budget rule with `E` read off this iteration's drafted trees.
+    """The budget rule with `E` read off this iteration's (calibrated) drafted trees.
 
-    log_f: f32[n, N] path log-probabilities of every drafted node (root = 0). For a budget
-    `B` the best any selection can expect is the sum of the `B` largest `f` over all requests
-    (a greedy pick of highest-`f` nodes is a connected forest containing every root, since
-    roots have f = 1 and f(child) <= f(parent)). So `E_tot(B)` needs no acceptance model and
-    tracks the draft's confidence iteration by iteration.
+    log_f: f32[n, N] path log-probabilities of every drafted node (root = 0), calibrated so
+    that `f` estimates acceptance (scheduler/confidence.py). For a budget `B`:
 
-        t_iter(B) = verify(B) + draft_ms + host overhead
+        t_iter(B) = verify(B + prefill_tokens) + draft_ms + host overhead
+                    (the prefill chunks ride in the same verify step)
+        E_tot(B)  = sum of the B largest f over all requests: the best any selection can
+                    expect (a greedy pick of highest-f nodes is a connected forest with every
+                    root, since roots have f = 1 and f(child) <= f(parent))
         feasible    t_iter(B) <= margin * min_r(t_r) * E_tot(B) / n
-        choose      argmax over feasible B of E_tot(B) / t_iter(B)
+        choose      argmax over feasible B of E_tot(B) / t_iter(B)  (ties: smaller B)
         fallback    argmax of E_tot(B) / t_iter(B) over all B (throughput when no SLO fits)
 
-    Candidates are profile buckets in [n, max_budget]; B = n is "roots only".
+    The SLO check uses the even share E_tot / n for the tightest request; the selector's SLO
+    phase then moves tokens to the requests that need them. Candidates are profile buckets in
+    [n, max_budget]; B = n is "roots only".
     """
     f = np.exp(np.asarray(log_f, dtype=np.float64))
     if f.ndim != 2 or f.shape[0] < 1:
@@ -340,20 +344,20 @@ def choose_budget_from_trees(
     slos = np.asarray(tpot_slos_s, dtype=np.float64)
     if slos.shape != (n,) or not np.all(np.isfinite(slos) & (slos > 0)):
         raise ValueError(f"tpot_slos_s must be {n} finite values > 0")
+    if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int | np.integer):
+        raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an int >= 0")
+    if prefill_tokens < 0:
+        raise ValueError(f"prefill_tokens={prefill_tokens} must be >= 0")
     top = -np.sort(-f.ravel())
     cum = np.cumsum(top)
-    candidates = [b for b in profile.buckets if n <= b <= max_budget] or [n]
-    tightest = float(slos.min())
-    best = fallback = None
-    for b in candidates:
-        total = float(cum[min(b, cum.size) - 1])
-        t_iter = (float(profile.verify.latency_ms(b)) + draft_ms + profile.host_ms) / 1e3
-        rate = total / t_iter if t_iter > 0 else math.inf
-        fits = t_iter <= slo_margin * tightest * total / n
-        choice = BudgetChoice(b, t_iter, total, rate, fits, TreeShape(0, 1))
-        if fallback is None or rate > fallback.tokens_per_s:
-            fallback = dataclasses.replace(choice, fits_slo=False)
-        if fits and (best is None or rate > best.tokens_per_s):
-            best = choice
-    assert fallback is not None
-    return best if best is not None else fallback
+    cands = np.array([b for b in profile.buckets if n <= b <= max_budget] or [n])
+    verify_ms = np.asarray(profile.verify.latency_ms((cands + prefill_tokens).astype(float)))
+    t_iter = (verify_ms.reshape(-1) + draft_ms + profile.host_ms) / 1e3  # [K]
+    total = cum[np.minimum(cands, cum.size) - 1]  # [K]
+    rate = total / np.maximum(t_iter, 1e-12)
+    fits = t_iter <= slo_margin * float(slos.min()) * total / n
+    k = int(np.lexsort((cands, -rate, ~fits))[0])  # feasible first, then rate, then small B
+    return BudgetChoice(
+        int(cands[k]), float(t_iter[k]), float(total[k]), float(rate[k]), bool(fits[k]),
+        TreeShape(0, 1),
+    )  # fmt: skip

@@ -37,6 +37,7 @@ from adaserve_jax.scheduler.budget import (
     LatencyProfile,
     choose_budget_from_trees,
 )
+from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
 from adaserve_jax.scheduler.policy import Policy, PolicyKind, fixed_selection, parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.selector import SelectionInput, select
@@ -97,6 +98,14 @@ class Scheduler:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
         if self.policy.speculative and not engine.has_draft:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
+        shape = self.policy.shape
+        if self.policy.kind is PolicyKind.ADASERVE and shape is not None:
+            # AdaServe's candidate tree is its own choice: shallower when a deep one would not
+            # fit the draft's catch-up step (every slot may accept depth + 1 tokens)
+            depth = max(1, min(shape.depth, token_budget // engine.num_slots - 1))
+            if depth != shape.depth:
+                shape = dataclasses.replace(shape, depth=depth)
+                self.policy = dataclasses.replace(self.policy, shape=shape)
         if self.policy.shape is not None:
             need = engine.num_slots * (self.policy.shape.depth + 1)
             if token_budget < need:
@@ -110,12 +119,16 @@ class Scheduler:
         self.profile = profile
         self.acceptance = acceptance or GeometricAcceptance(0.6)
         self._acc_samples: collections.deque = collections.deque(maxlen=256)
+        self.calibrator = AcceptanceCalibrator()
+        # adaserve: slot -> (raw log f, depth, sibling rank) of the nodes it sent to verify
+        self._sel_log_f: dict[int, tuple[np.ndarray, ...]] = {}
+        self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
         self._shallow_next = False  # adaserve: draft only depth 1 next iteration
         self._adaserve_iters = 0
         self.explore_every = 8
-        self.node_share = 2.0  # adaserve per-request node cap, in fair shares of the budget
+        self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
         self.decode_text = decode_text
         self.on_tokens = on_tokens
@@ -208,6 +221,7 @@ class Scheduler:
                 self._emit(r, [int(sampled[off + n - 1])], now)
         if spec:
             self._refit_acceptance()
+            self.calibrator.flush()
         self.iterations += 1
         self.step_log.append(
             StepRecord(
@@ -231,9 +245,10 @@ class Scheduler:
         if shape is None:
             return n
         catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
-        verify = (
-            n if self.policy.kind is PolicyKind.ADASERVE else n * (1 + shape.depth * shape.width)
-        )
+        if self.policy.kind is PolicyKind.ADASERVE:
+            verify = n * shape.num_nodes  # room for every candidate tree, as fixed trees do
+        else:
+            verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)
 
     def _plan_prefill(self, budget: int) -> list[tuple[RequestState, int]]:
@@ -273,7 +288,9 @@ class Scheduler:
             # `explore_every` iterations the full tree is drafted again to re-check the choice
             shape = TreeShape(1, shape.width, shape.topk)
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
-        if self.policy.kind is PolicyKind.ADASERVE:
+        adaserve = self.policy.kind is PolicyKind.ADASERVE
+        if adaserve:
+            self._rank = sibling_rank(trees.parents)
             selections = self._adaserve_select(decode, trees)
         else:
             # a fixed tree per request, trimmed evenly when they do not all fit the step
@@ -294,6 +311,12 @@ class Scheduler:
                 np.int32
             )
             segs.append(Segment(r.slot, r.cached, tokens, parents, r.request.sampling))
+            if adaserve:  # what the calibrator needs to learn from this tree's verification
+                self._sel_log_f[r.slot] = (
+                    trees.log_f[row, sel],
+                    trees.depth[row, sel],
+                    self._rank[row, sel],
+                )
             r.stats.drafted += trees.tokens.shape[1] - 1
             r.stats.selected += len(sel) - 1
         return segs, trees
@@ -309,12 +332,24 @@ class Scheduler:
         budget, t_iter = avail, 0.0
         rows = np.array([r.slot for r in decode])
         depth = int(trees.depth.max())  # this iteration's tree depth (1 when drafting shallow)
+        # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
+        log_f = self.calibrator.apply(
+            trees.parents[rows], trees.log_f[rows], trees.depth[rows], self._rank[rows]
+        )
+        decoded = np.array([max(len(r.output) - 1, 0) for r in decode])
+        elapsed = np.array([now - (r.first_token_time or now) for r in decode])
+        remaining = np.array([r.request.max_tokens - len(r.output) for r in decode])
         if self.profile is not None:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
                 draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
             choice = choose_budget_from_trees(
-                self.profile, trees.log_f[rows], slos, max_budget=avail, draft_ms=draft_ms
+                self.profile,
+                log_f,
+                slos,
+                max_budget=avail,
+                draft_ms=draft_ms,
+                prefill_tokens=self._prefill_tokens,
             )
             budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
             self._adaserve_iters += 1
@@ -325,15 +360,16 @@ class Scheduler:
         sel = select(
             SelectionInput(
                 parents=trees.parents[rows],
-                log_f=trees.log_f[rows],
+                log_f=log_f,
                 num_nodes=np.full(n, num_nodes),
-                decoded=np.array([max(len(r.output) - 1, 0) for r in decode]),
-                elapsed_s=np.array([now - (r.first_token_time or now) for r in decode]),
+                decoded=decoded,
+                elapsed_s=elapsed,
                 tpot_slo_s=slos,
                 budget=int(budget),
                 t_iter_s=float(t_iter),
                 max_depth=depth,
-                # per-request cap: a fair share (x2) of the budget, so the SLO phase cannot
+                remaining=remaining,
+                # per-request cap: `node_share` fair shares of the budget, so the SLO phase cannot
                 # hand a far-behind request its whole tree of low-f nodes (SIMULATION.md)
                 node_cap=max(2, math.ceil(self.node_share * budget / n)),
             )
@@ -360,6 +396,9 @@ class Scheduler:
                 self._moves.append(Move(r.slot, base + node, base + i))
         r.cached += 1 + len(path)
         self._observe_acceptance(len(seg), len(path))
+        picked = self._sel_log_f.pop(r.slot, None)
+        if picked is not None and len(picked[0]) > 1:
+            self.calibrator.observe_tree(seg.parents, picked[0], path, picked[1], picked[2])
         r.stats.steps += 1
         r.stats.accepted += len(path)
         self._emit(r, emitted, now)

@@ -39,7 +39,7 @@ class Policy:
         return self.shape is not None
 
 
-ADASERVE_SHAPE = TreeShape(depth=4, width=2, topk=2)
+ADASERVE_SHAPE = TreeShape(depth=6, width=2, topk=2)
 _SPEC = re.compile(r"spec:(\d+)$")
 _TREE = re.compile(r"tree:(\d+),(\d+)$")
 

@@ -54,6 +54,33 @@ def _max_depth(parents: np.ndarray, valid: np.ndarray) -> np.ndarray:
         p = np.where(live, p.ravel()[at], -1)
 
 
+def slo_need(
+    elapsed_s: np.ndarray,
+    decoded: np.ndarray,
+    tpot_slo_s: np.ndarray,
+    t_iter_s: float | np.ndarray,
+    remaining: np.ndarray | None = None,
+) -> np.ndarray:
+    """A(r): tokens request r should accept in an iteration of latency `t_iter_s`.
+
+    remaining None — the paper's horizon, back on track right after this iteration:
+        A = (l + t_iter) / t - o.
+    remaining R (tokens the request may still produce) — the request's horizon: the constant
+    rate that ends the request exactly on its SLO, A = t_iter * R / (t (o + R) - l). An
+    on-track request (l = o t) needs t_iter / t under both; a request that is behind spreads
+    its catch-up over the rest of its output instead of demanding all of it now (which, under
+    load, hands whole trees to a few far-behind requests and starves the rest, see
+    BENCHMARKS.md); a request that can no longer attain its SLO (l >= t (o + R)) gets -1:
+    served last, best effort.
+    Broadcasts: t_iter_s may be [K, 1] against [n] vectors to price K candidate steps.
+    """
+    if remaining is None:
+        return (elapsed_s + t_iter_s) / tpot_slo_s - decoded
+    left = tpot_slo_s * (decoded + remaining) - elapsed_s
+    need = t_iter_s * remaining / np.maximum(left, 1e-12)
+    return np.where(left > 0, need, -1.0)
+
+
 def _validate_forest(parents: np.ndarray, log_f: np.ndarray, valid: np.ndarray) -> None:
     """Checks padded trees parents i32[R, M], log_f f32[R, M]; only `valid` entries count.
 
@@ -167,6 +194,8 @@ class SelectionInput:
     node_cap: max nodes per request (roots included), or None for no cap.
     max_depth: optional int or i32[R], the depth `d` in `A_cap = min(A, d + 1)`; computed from
         `parents` when None (pass it when the tree shape is known to skip that work).
+    remaining: optional i64[R] tokens each request may still produce; switches `A(r)` to the
+        request horizon (see `slo_need`).
     """
 
     parents: np.ndarray
@@ -179,6 +208,7 @@ class SelectionInput:
     t_iter_s: float
     node_cap: int | None = None
     max_depth: np.ndarray | int | None = None
+    remaining: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         parents = np.asarray(self.parents, dtype=np.int32)
@@ -220,6 +250,11 @@ class SelectionInput:
             depth = np.broadcast_to(np.asarray(self.max_depth, dtype=np.int32), (rows,))
             if rows and depth.min() < 0:
                 raise ValueError(f"max_depth={self.max_depth} must be >= 0")
+        if self.remaining is not None:
+            remaining = _as_vector("remaining", self.remaining, rows, np.int64)
+            if rows and remaining.min() < 0:
+                raise ValueError(f"remaining={remaining} must be >= 0")
+            object.__setattr__(self, "remaining", remaining)
         for name, value in (
             ("parents", parents),
             ("log_f", log_f),
@@ -333,7 +368,7 @@ def select(inp: SelectionInput) -> Selection:
     avail = np.minimum(inp.num_nodes, width).astype(np.int64)  # selectable nodes per request
 
     # SLO phase: nodes needed to reach A_cap, then granted most-behind first.
-    need = (inp.elapsed_s + inp.t_iter_s) / inp.tpot_slo_s - inp.decoded
+    need = slo_need(inp.elapsed_s, inp.decoded, inp.tpot_slo_s, inp.t_iter_s, inp.remaining)
     target = np.minimum(need, inp.max_depth + 1.0)
     # Node j + 1 is still wanted while the first j + 1 nodes sum to less than A_cap.
     wanted = np.minimum(1 + (csum[:, :-1] < target[:, None]).sum(axis=1), avail)

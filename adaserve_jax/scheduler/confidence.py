@@ -1,0 +1,242 @@
+"""Online calibration of the draft's path probabilities against observed acceptance (numpy).
+
+AdaServe reads `f(v)`, the draft's path probability of node `v`, as the chance that the target
+accepts `v`: the budget rule sums `f` to predict accepted tokens, and the selector's SLO phase
+takes nodes until their `f` reaches the tokens a request needs. That reading is only as good as
+the draft's calibration. A small distilled draft is strongly *under*-confident (the shipped pair:
+median top-1 probability 0.1-0.25 where the target agrees ~90% of the time), so raw `f` makes
+every deeper node look worthless and the scheduler verifies roots only.
+
+`AcceptanceCalibrator` learns the map `f -> P(node accepted | node verified)` from the verify
+steps the scheduler runs anyway:
+
+- every verified non-root node is one observation `(log f, accepted?)`, binned on log f;
+- per bin, rate = (accepted + w * f_bin) / (verified + w): `w` pseudo-counts pull an empty bin
+  to the raw `f` (so before any evidence the calibrated `f` is the raw `f`);
+- old evidence decays by `decay` per observed step (the draft's calibration drifts with the
+  text being generated);
+- the rates are made non-decreasing in `f` by weighted pool-adjacent-violators, and applied by
+  linear interpolation on log f, so `f(child) <= f(parent)` still holds after the map and every
+  greedy pick of highest calibrated `f` is still a connected tree containing the root.
+
+Selection bias does not distort the estimate: a node is verified only with its whole path, and
+the selector's choice depends on `f` alone, so among verified nodes of one `f` bin the accepted
+share estimates `P(accepted | f)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit of y (pool adjacent violators)."""
+    vals: list[float] = []
+    wts: list[float] = []
+    lens: list[int] = []
+    for yi, wi in zip(y.tolist(), w.tolist(), strict=True):
+        vals.append(yi)
+        wts.append(wi)
+        lens.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            wsum = wts[-2] + wts[-1]
+            merged = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum
+            lens[-2] += lens[-1]
+            vals[-2], wts[-2] = merged, wsum
+            del vals[-1], wts[-1], lens[-1]
+    return np.repeat(np.array(vals), lens)
+
+
+def sibling_rank(parents: np.ndarray) -> np.ndarray:
+    """i32[R, M]: each node's rank among its siblings (0 = the draft's top child), assuming a
+    parent's children are laid out in the draft's descending order (as `steps/expand.py` and
+    `lax.top_k` produce them). The root gets 0."""
+    parents = np.asarray(parents)
+    cols = parents.shape[1]
+    earlier = np.tri(cols, k=-1, dtype=bool)  # [j, i]: i < j
+    same = parents[:, :, None] == parents[:, None, :]  # [R, j, i]
+    rank = (same & earlier).sum(axis=2)
+    rank[:, 0] = 0
+    return rank.astype(np.int32)
+
+
+class AcceptanceCalibrator:
+    """Learns `P(child accepted | parent accepted, q, rank, depth)` online; `apply` rebuilds f.
+
+    bins: bins on log q over [log_q_min, 0]; ranks / depths: separate tables for sibling ranks
+    0..ranks-1 and child depths 1..depths (larger values share the last table); prior_weight:
+    pseudo-counts per bin, pulling each rank's pooled table to the raw `q` and each
+    (rank, depth) table to its rank's pooled one; decay: multiplier on all counts per
+    observation step (1.0 = never forget).
+
+    Why rank: a top child and a runner-up with the same `q` are accepted at very different
+    rates (on the shipped pair: ~0.65 vs ~0.25 at q = 0.05), so one table per `q` would
+    undervalue every long top-1 chain.
+    """
+
+    def __init__(
+        self,
+        bins: int = 20,
+        log_q_min: float = -6.0,
+        depths: int = 8,
+        ranks: int = 3,
+        prior_weight: float = 4.0,
+        decay: float = 0.995,
+    ) -> None:
+        if not (isinstance(bins, int) and bins >= 2):
+            raise ValueError(f"{bins=} must be an int >= 2")
+        if not (isinstance(depths, int) and depths >= 1):
+            raise ValueError(f"{depths=} must be an int >= 1")
+        if not (isinstance(ranks, int) and ranks >= 1):
+            raise ValueError(f"{ranks=} must be an int >= 1")
+        if not (math.isfinite(log_q_min) and log_q_min < 0):
+            raise ValueError(f"{log_q_min=} must be finite and < 0")
+        if not (math.isfinite(prior_weight) and prior_weight > 0):
+            raise ValueError(f"{prior_weight=} must be finite and > 0")
+        if not (0 < decay <= 1):
+            raise ValueError(f"{decay=} must lie in (0, 1]")
+        self.bins = bins
+        self.depths = depths
+        self.ranks = ranks
+        self.log_q_min = float(log_q_min)
+        self.prior_weight = float(prior_weight)
+        self.decay = float(decay)
+        width = -self.log_q_min / bins
+        self.centers = self.log_q_min + width * (np.arange(bins) + 0.5)
+        self._scale = bins / -self.log_q_min
+        self.verified = np.zeros((ranks, depths, bins))  # [rank, depth - 1, bin]
+        self.accepted = np.zeros((ranks, depths, bins))
+        self._table: np.ndarray | None = None  # [ranks, depths, bins] log rates (lazy)
+        self._pending: list[tuple[np.ndarray, ...]] = []
+
+    def _bin(self, log_q: np.ndarray) -> np.ndarray:
+        idx = ((np.asarray(log_q, np.float64) - self.log_q_min) * self._scale).astype(np.int64)
+        return np.clip(idx, 0, self.bins - 1)
+
+    def _cell(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
+        k = np.minimum(np.asarray(rank, np.int64), self.ranks - 1)
+        return (k * self.depths + d) * self.bins + self._bin(log_q)
+
+    def observe(
+        self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray, accepted: np.ndarray
+    ) -> None:
+        """Verified edges whose parent was accepted: the child's conditional log q, depth
+        (>= 1), sibling rank (>= 0) and whether it was accepted. One call is one observation
+        step (one decay)."""
+        log_q = np.asarray(log_q, np.float64).ravel()
+        depth = np.asarray(depth, np.int64).ravel()
+        rank = np.asarray(rank, np.int64).ravel()
+        accepted = np.asarray(accepted, bool).ravel()
+        if not (log_q.shape == depth.shape == rank.shape == accepted.shape):
+            raise ValueError(
+                f"log_q, depth, rank and accepted differ in shape: {log_q.shape}, "
+                f"{depth.shape}, {rank.shape}, {accepted.shape}"
+            )
+        if log_q.size == 0:
+            return
+        if not np.all(np.isfinite(log_q) & (log_q <= 1e-6)):
+            raise ValueError("log_q must be finite and <= 0")
+        if depth.min() < 1:
+            raise ValueError("depth must be >= 1 (the root has no conditional)")
+        if rank.min() < 0:
+            raise ValueError("rank must be >= 0")
+        flat = self._cell(log_q, depth, rank)
+        size = self.verified.size
+        self.verified *= self.decay
+        self.accepted *= self.decay
+        self.verified += np.bincount(flat, minlength=size).reshape(self.verified.shape)
+        self.accepted += np.bincount(flat, weights=accepted, minlength=size).reshape(
+            self.accepted.shape
+        )
+        self._table = None
+
+    def observe_tree(
+        self,
+        parents: np.ndarray,
+        log_f: np.ndarray,
+        path: np.ndarray,
+        depth: np.ndarray,
+        rank: np.ndarray,
+    ) -> None:
+        """Queues one verified tree (node 0 the root): parents i32[N], raw log f f32[N], the
+        accepted path (node indices, root excluded), node depths and sibling ranks i32[N] (in
+        the drafted tree); only edges out of accepted nodes count. `flush` adds everything
+        queued as one observation step."""
+        parents = np.asarray(parents)
+        if parents.size < 2:
+            return
+        on_path = np.zeros(parents.size, bool)
+        on_path[0] = True
+        on_path[np.asarray(path, np.int64)] = True
+        par = parents[1:]
+        live = on_path[par]
+        log_f = np.asarray(log_f, np.float64)
+        log_q = (log_f[1:] - log_f[par])[live]
+        self._pending.append(
+            (log_q, np.asarray(depth)[1:][live], np.asarray(rank)[1:][live], on_path[1:][live])
+        )
+
+    def flush(self) -> None:
+        """Adds the trees queued since the last flush as one `observe` call."""
+        if self._pending:
+            q, d, k, hit = (np.concatenate(x) for x in zip(*self._pending, strict=True))
+            self._pending = []
+            self.observe(q, d, k, hit)
+
+    @property
+    def observations(self) -> float:
+        return float(self.verified.sum())
+
+    def rates(self) -> np.ndarray:
+        """[ranks, depths, bins] calibrated P(child accepted | parent accepted) per sibling
+        rank, child depth and q bin: non-decreasing in q, values in (0, 1]."""
+        w = self.prior_weight
+        out = np.empty(self.verified.shape)
+        for k in range(self.ranks):
+            ver, acc = self.verified[k].sum(axis=0), self.accepted[k].sum(axis=0)
+            pooled = _isotonic((acc + w * np.exp(self.centers)) / (ver + w), ver + w)
+            for d in range(self.depths):
+                weight = self.verified[k, d] + w
+                out[k, d] = _isotonic((self.accepted[k, d] + w * pooled) / weight, weight)
+        return np.clip(out, 1e-6, 1.0)
+
+    def log_rate(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Calibrated log P(accepted | parent accepted) for raw conditional log q at child
+        `depth` and sibling `rank` (same shapes)."""
+        if self._table is None:
+            self._table = np.log(self.rates()).reshape(-1, self.bins)
+        x = np.asarray(log_q, np.float64)
+        d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
+        row = np.minimum(np.asarray(rank, np.int64), self.ranks - 1) * self.depths + d
+        # piecewise linear on log q between bin centers, per table row (vectorized np.interp)
+        pos = np.clip((x - self.centers[0]) * self._scale, 0.0, self.bins - 1.0)
+        lo = np.minimum(pos.astype(np.int64), self.bins - 2)
+        frac = pos - lo
+        out = self._table[row, lo] * (1 - frac) + self._table[row, lo + 1] * frac
+        # below the lowest center: continue with slope 1 (stays monotone, tends to 0)
+        return np.minimum(np.where(x < self.centers[0], out + (x - self.centers[0]), out), 0.0)
+
+    def apply(
+        self, parents: np.ndarray, log_f: np.ndarray, depth: np.ndarray, rank: np.ndarray
+    ) -> np.ndarray:
+        """Calibrated path log f for padded trees parents i32[R, M], log_f f32[R, M], depth and
+        sibling rank i32[R, M] (root at column 0, parents before children, every column a
+        real node)."""
+        parents = np.asarray(parents)
+        log_f = np.asarray(log_f, np.float32)
+        rows, cols = log_f.shape
+        out = log_f.copy()
+        if cols < 2 or rows == 0:
+            return out
+        row = np.arange(rows)[:, None]
+        par = parents[:, 1:].astype(np.int64)
+        step = self.log_rate(
+            log_f[:, 1:] - log_f[row, par], np.maximum(depth[:, 1:], 1), rank[:, 1:]
+        )
+        step = step.astype(np.float32)
+        for j in range(1, cols):  # parents precede children: one pass accumulates every path
+            out[:, j] = out[row[:, 0], par[:, j - 1]] + step[:, j - 1]
+        return out
