@@ -243,3 +243,16 @@ def test_budget_from_trees_reads_expected_tokens_off_the_trees():
     assert tight.budget == 4 and not tight.fits_slo
     # the caller's cap wins
     assert choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=2).budget == 2
+
+
+def test_budget_from_trees_prices_the_prefill_riding_in_the_step():
+    from adaserve_jax.scheduler.budget import LatencyProfile, choose_budget_from_trees
+
+    prof = LatencyProfile.from_tables({2: 10.0, 4: 10.0, 8: 40.0, 16: 80.0})
+    log_f = np.log(np.array([[1.0, 0.9, 0.8, 0.01, 0.01], [1.0, 0.9, 0.8, 0.01, 0.01]]))
+    alone = choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=16)
+    busy = choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=16, prefill_tokens=4)
+    assert alone.t_iter_s == pytest.approx(0.010)
+    assert busy.budget == 4 and busy.t_iter_s == pytest.approx(0.040)  # verify(4 + 4)
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=16, prefill_tokens=-1)

@@ -176,3 +176,28 @@ def test_trees_stay_inside_the_slot_and_the_step(policy):
 def test_budget_too_small_for_draft_catch_up_is_rejected():
     with pytest.raises(ValueError, match="catch-up"):
         Scheduler(MockEngine(num_slots=8), policy="spec:4", token_budget=32)
+
+
+def test_adaserve_learns_acceptance_from_its_verify_steps():
+    """The mock draft is under-confident (top child q = 0.8 at depth 1, the target always
+    agrees): the calibrator sees every verified edge and lifts the top children's rate."""
+    eng = MockEngine(num_slots=2)
+    sched = Scheduler(
+        eng, policy="adaserve", token_budget=64, profile=LatencyProfile.cpu_reference()
+    )
+    states = [sched.submit(_req(i, max_tokens=40, tpot_slo_ms=50.0)) for i in range(2)]
+    sched.run_until_done()
+    cal = sched.calibrator
+    assert cal.observations > 20
+    # every top child (rank 0) whose parent was accepted was accepted
+    top = cal.verified[0] > 0
+    assert np.all(cal.accepted[0][top] == pytest.approx(cal.verified[0][top]))
+    assert all(s.output == _expected(_req(i, max_tokens=40)) for i, s in enumerate(states))
+
+
+def test_adaserve_tree_depth_shrinks_to_fit_a_small_budget():
+    eng = MockEngine(num_slots=4)
+    sched = Scheduler(eng, policy="adaserve", token_budget=20)  # 4 slots x (depth + 1) <= 20
+    assert sched.policy.shape.depth == 4
+    with pytest.raises(ValueError, match="depth 6"):
+        Scheduler(eng, policy="spec:6", token_budget=20)  # fixed policies keep their shape
