@@ -69,7 +69,8 @@ class AcceptanceCalibrator:
     0..ranks-1 and child depths 1..depths (larger values share the last table); prior_weight:
     pseudo-counts per bin, pulling each rank's pooled table to the raw `q` and each
     (rank, depth) table to its rank's pooled one; decay: multiplier on all counts per
-    observation step (1.0 = never forget).
+    observation step (1.0 = never forget); refit_every: observation steps between refits of
+    the tables `apply` uses (`rates()` always fits the current counts).
 
     Why rank: a top child and a runner-up with the same `q` are accepted at very different
     rates (on the shipped pair: ~0.65 vs ~0.25 at q = 0.05), so one table per `q` would
@@ -84,6 +85,7 @@ class AcceptanceCalibrator:
         ranks: int = 3,
         prior_weight: float = 4.0,
         decay: float = 0.995,
+        refit_every: int = 16,
     ) -> None:
         if not (isinstance(bins, int) and bins >= 2):
             raise ValueError(f"{bins=} must be an int >= 2")
@@ -97,6 +99,10 @@ class AcceptanceCalibrator:
             raise ValueError(f"{prior_weight=} must be finite and > 0")
         if not (0 < decay <= 1):
             raise ValueError(f"{decay=} must lie in (0, 1]")
+        if not (isinstance(refit_every, int) and refit_every >= 1):
+            raise ValueError(f"{refit_every=} must be an int >= 1")
+        self.refit_every = refit_every
+        self._since_fit = 0
         self.bins = bins
         self.depths = depths
         self.ranks = ranks
@@ -151,7 +157,9 @@ class AcceptanceCalibrator:
         self.accepted += np.bincount(flat, weights=accepted, minlength=size).reshape(
             self.accepted.shape
         )
-        self._table = None
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:  # the fit (27 small isotonic fits) is the cost
+            self._table, self._since_fit = None, 0
 
     def observe_tree(
         self,

@@ -135,6 +135,7 @@ def test_rates_are_monotone_in_q_even_for_contrary_evidence():
         ({"log_q_min": 0.0}, "log_q_min"),
         ({"prior_weight": 0.0}, "prior_weight"),
         ({"decay": 0.0}, "decay"),
+        ({"refit_every": 0}, "refit_every"),
     ],
 )
 def test_bad_settings_are_named(kwargs, field):
