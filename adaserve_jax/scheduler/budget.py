@@ -325,7 +325,9 @@ def choose_budget_from_trees(
     that `f` estimates acceptance (scheduler/confidence.py). For a budget `B`:
 
         t_iter(B) = verify(B + prefill_tokens) + draft_ms + host overhead
-                    (the prefill chunks ride in the same verify step)
+                    (the prefill chunks ride in the same verify step); B = n (roots only)
+                    is priced without draft_ms, because choosing it switches the scheduler
+                    to plain decoding without the draft model until it explores again
         E_tot(B)  = sum of the B largest f over all requests: the best any selection can
                     expect (a greedy pick of highest-f nodes is a connected forest with every
                     root, since roots have f = 1 and f(child) <= f(parent))
@@ -352,7 +354,8 @@ def choose_budget_from_trees(
     cum = np.cumsum(top)
     cands = np.array([b for b in profile.buckets if n <= b <= max_budget] or [n])
     verify_ms = np.asarray(profile.verify.latency_ms((cands + prefill_tokens).astype(float)))
-    t_iter = (verify_ms.reshape(-1) + draft_ms + profile.host_ms) / 1e3  # [K]
+    drafting = np.where(cands > n, draft_ms, 0.0)
+    t_iter = (verify_ms.reshape(-1) + drafting + profile.host_ms) / 1e3  # [K]
     total = cum[np.minimum(cands, cum.size) - 1]  # [K]
     rate = total / np.maximum(t_iter, 1e-12)
     fits = t_iter <= slo_margin * float(slos.min()) * total / n

@@ -125,9 +125,17 @@ class Scheduler:
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
-        self._shallow_next = False  # adaserve: draft only depth 1 next iteration
-        self._adaserve_iters = 0
+        # adaserve: after a roots-only budget choice the next iterations skip the draft model
+        # entirely (plain decoding, no drafting cost); after `_explore_gap` such iterations
+        # (or sooner, when the draft's catch-up would grow past half the budget) one
+        # speculative iteration re-checks the choice with fresh trees. The gap starts at
+        # `explore_every` and doubles (up to `explore_max`) while explorations keep choosing
+        # roots only, so a machine where speculation does not pay wastes little on drafting
+        self._draft_off = False
+        self._draft_off_iters = 0
         self.explore_every = 8
+        self.explore_max = 64
+        self._explore_gap = self.explore_every
         self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
         self.decode_text = decode_text
@@ -183,9 +191,10 @@ class Scheduler:
         if not self.running:
             return
         decode = [r for r in self.running if r.phase is Phase.DECODE]
-        spec = self.policy.speculative and bool(decode)
+        spec = self.policy.speculative and bool(decode) and not self._skip_drafting(decode)
         self._select_seconds = 0.0
-        prefill = self._plan_prefill(budget=self.token_budget - self._decode_reserve(decode))
+        reserve = self._decode_reserve(decode) if spec else len(decode)
+        prefill = self._plan_prefill(budget=self.token_budget - reserve)
         self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
             Segment.chain(
@@ -232,6 +241,16 @@ class Scheduler:
                 select_seconds=self._select_seconds,
             )
         )
+
+    def _skip_drafting(self, decode: list[RequestState]) -> bool:
+        """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
+        if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
+            return False
+        lag = sum(r.cached + 2 - r.draft_cached for r in decode)  # catch-up chains, + 1 step
+        if self._draft_off_iters >= self._explore_gap or 2 * lag > self.token_budget:
+            return False
+        self._draft_off_iters += 1
+        return True
 
     def _decode_reserve(self, decode: list[RequestState]) -> int:
         """Budget kept for decoding requests before prefill chunks are planned.
@@ -282,11 +301,6 @@ class Scheduler:
         for seg in prefill_segs:
             owner = next(r for r in self.running if r.slot == seg.slot)
             owner.draft_cached = seg.ctx_len + len(seg)
-        if self.policy.kind is PolicyKind.ADASERVE and self._shallow_next:
-            # the last budget choice verified roots only: skip the deep expansion (its draft
-            # steps would be wasted) and offer the root's drafted children for free; every
-            # `explore_every` iterations the full tree is drafted again to re-check the choice
-            shape = TreeShape(1, shape.width, shape.topk)
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
         adaserve = self.policy.kind is PolicyKind.ADASERVE
         if adaserve:
@@ -331,7 +345,7 @@ class Scheduler:
         avail = max(self.token_budget - self._prefill_tokens, n)
         budget, t_iter = avail, 0.0
         rows = np.array([r.slot for r in decode])
-        depth = int(trees.depth.max())  # this iteration's tree depth (1 when drafting shallow)
+        depth = int(trees.depth.max())  # this iteration's tree depth
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
         log_f = self.calibrator.apply(
             trees.parents[rows], trees.log_f[rows], trees.depth[rows], self._rank[rows]
@@ -352,10 +366,12 @@ class Scheduler:
                 prefill_tokens=self._prefill_tokens,
             )
             budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
-            self._adaserve_iters += 1
             roots_only = budget <= n or choice.expected_accepted <= n * 1.25
-            explore = self._adaserve_iters % self.explore_every == 0
-            self._shallow_next = roots_only and not explore
+            if roots_only and self._draft_off:  # an exploration confirmed the choice: back off
+                self._explore_gap = min(2 * self._explore_gap, self.explore_max)
+            elif not roots_only:
+                self._explore_gap = self.explore_every
+            self._draft_off, self._draft_off_iters = roots_only, 0
         num_nodes = trees.tokens.shape[1]
         sel = select(
             SelectionInput(
