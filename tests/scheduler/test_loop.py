@@ -201,3 +201,31 @@ def test_adaserve_tree_depth_shrinks_to_fit_a_small_budget():
     assert sched.policy.shape.depth == 4
     with pytest.raises(ValueError, match="depth 6"):
         Scheduler(eng, policy="spec:6", token_budget=20)  # fixed policies keep their shape
+
+
+def test_adaserve_decodes_without_the_draft_when_speculation_does_not_pay():
+    """A profile where any step above one token costs 50x: AdaServe picks roots only, stops
+    calling the draft model (explorations back off), and still produces the target's tokens;
+    with a flat profile it keeps speculating every iteration."""
+
+    class Counting(MockEngine):
+        draft_calls = 0
+
+        def draft_step(self, segments):
+            self.draft_calls += 1
+            return super().draft_step(segments)
+
+    steep = LatencyProfile.from_tables({1: 1.0, 2: 50.0, 64: 60.0}, draft_ms={1: 0.1})
+    flat = LatencyProfile.from_tables({1: 1.0, 2: 1.0, 64: 1.0}, draft_ms={1: 0.0})
+    runs = {}
+    for name, prof in (("steep", steep), ("flat", flat)):
+        eng = Counting(num_slots=1)
+        sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=prof)
+        s = sched.submit(_req(0, max_tokens=120, tpot_slo_ms=1e4))
+        sched.run_until_done()
+        assert s.output == _expected(_req(0, max_tokens=120))
+        runs[name] = (eng.draft_calls, sched.iterations, s.stats.accepted)
+    calls, iters, accepted = runs["steep"]
+    assert accepted == 0 and calls < iters / 4  # prefill + a few backed-off explorations
+    calls, iters, accepted = runs["flat"]
+    assert accepted > 0 and calls >= iters - 1
