@@ -22,7 +22,7 @@ from adaserve_jax.engine.tree import DraftTrees, TreeShape
 from adaserve_jax.model.loader import Model
 from adaserve_jax.scheduler.budget import LatencyProfile
 from adaserve_jax.scheduler.loop import Scheduler
-from adaserve_jax.scheduler.policy import Policy, PolicyKind, parse_policy
+from adaserve_jax.scheduler.policy import Policy, PolicyKind, fit_adaserve_shape, parse_policy
 from adaserve_jax.scheduler.request import Request, RequestStats
 from adaserve_jax.scheduler.service import RequestHandle, ServingLoop
 
@@ -107,7 +107,13 @@ class Engine:
         self.max_queue = max_queue
         self._service: ServingLoop | None = None
         policies = [policy, *policies]
-        shapes = [p.shape for p in map(parse_policy, policies) if p.shape is not None]
+        shapes = [
+            fit_adaserve_shape(p.shape, token_budget, max_batch)
+            if p.kind is PolicyKind.ADASERVE
+            else p.shape
+            for p in map(parse_policy, policies)
+            if p.shape is not None
+        ]
         if shapes and draft is None:
             raise ValueError(f"speculative policies {list(policies)} need a draft model")
         self.draft = None

@@ -38,7 +38,13 @@ from adaserve_jax.scheduler.budget import (
     choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
-from adaserve_jax.scheduler.policy import Policy, PolicyKind, fixed_selection, parse_policy
+from adaserve_jax.scheduler.policy import (
+    Policy,
+    PolicyKind,
+    fit_adaserve_shape,
+    fixed_selection,
+    parse_policy,
+)
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.selector import SelectionInput, select
 
@@ -98,14 +104,11 @@ class Scheduler:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
         if self.policy.speculative and not engine.has_draft:
             raise ValueError(f"policy {self.policy.name!r} needs a draft model")
-        shape = self.policy.shape
-        if self.policy.kind is PolicyKind.ADASERVE and shape is not None:
+        if self.policy.kind is PolicyKind.ADASERVE:
             # AdaServe's candidate tree is its own choice: shallower when a deep one would not
             # fit the draft's catch-up step (every slot may accept depth + 1 tokens)
-            depth = max(1, min(shape.depth, token_budget // engine.num_slots - 1))
-            if depth != shape.depth:
-                shape = dataclasses.replace(shape, depth=depth)
-                self.policy = dataclasses.replace(self.policy, shape=shape)
+            shape = fit_adaserve_shape(self.policy.shape, token_budget, engine.num_slots)
+            self.policy = dataclasses.replace(self.policy, shape=shape)
         if self.policy.shape is not None:
             need = engine.num_slots * (self.policy.shape.depth + 1)
             if token_budget < need:

@@ -44,6 +44,15 @@ _SPEC = re.compile(r"spec:(\d+)$")
 _TREE = re.compile(r"tree:(\d+),(\d+)$")
 
 
+def fit_adaserve_shape(shape: TreeShape, token_budget: int, num_slots: int) -> TreeShape:
+    """AdaServe's candidate tree for an engine with `num_slots` slots and a `token_budget`:
+    the paper's depth rule `d = clip(floor(B / n) - 1, 1, Dmax)` at the most running requests
+    (`n = num_slots`), so that every slot's draft catch-up chain (up to d + 1 accepted tokens)
+    fits one step. The engine warms up exactly this shape."""
+    depth = max(1, min(shape.depth, token_budget // max(num_slots, 1) - 1))
+    return shape if depth == shape.depth else dataclasses.replace(shape, depth=depth)
+
+
 def parse_policy(name: str, *, adaserve_shape: TreeShape = ADASERVE_SHAPE) -> Policy:
     """Parse a policy name; ValueError for unknown names or bad shapes."""
     if not isinstance(name, str):
