@@ -47,35 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill-chunk", type=positive(int), default=512)
     ap.add_argument("--max-len", type=positive(int), default=4096)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--budget-fallback",
-        choices=("stock", "throughput"),
-        default="stock",
-        help="experiment: budget-rule fallback when no bucket meets the tightest SLO",
-    )
-    ap.add_argument(
-        "--decode-reserve",
-        choices=("stock", "tree"),
-        default="stock",
-        help="experiment: AdaServe reserves whole candidate trees before prefill chunks",
-    )
-    ap.add_argument(
-        "--fixed-alpha",
-        type=float,
-        default=None,
-        help="experiment: budget rule uses GeometricAcceptance(ALPHA), never refitted",
-    )
-    ap.add_argument(
-        "--fair-cap",
-        type=float,
-        default=None,
-        help="experiment: selector node_cap = ceil(C * budget / running requests)",
-    )
-    ap.add_argument(
-        "--stock-scheduler",
-        action="store_true",
-        help="use scheduler/loop.py's Scheduler class directly (no experiment hooks)",
-    )
     ap.add_argument("--tokenizer", default=None, help="use real prompt token counts")
     ap.add_argument("--max-prompt-len", type=positive(int), default=None)
     ap.add_argument("--json", dest="json_out", default=None)
@@ -114,11 +85,6 @@ def run(args: argparse.Namespace) -> dict:
             prefill_chunk=args.prefill_chunk,
             max_len=args.max_len,
             seed=args.seed,
-            stock_scheduler=args.stock_scheduler,
-            budget_fallback=args.budget_fallback,
-            decode_reserve=args.decode_reserve,
-            fixed_alpha=args.fixed_alpha,
-            fair_cap=args.fair_cap,
         )
     except (ProfileError, CalibrationError, WorkloadError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -172,11 +138,6 @@ def run(args: argparse.Namespace) -> dict:
             "prefill_chunk": settings.prefill_chunk,
             "max_len": settings.max_len,
             "seed": settings.seed,
-            "stock_scheduler": settings.stock_scheduler,
-            "budget_fallback": settings.budget_fallback,
-            "decode_reserve": settings.decode_reserve,
-            "fixed_alpha": settings.fixed_alpha,
-            "fair_cap": settings.fair_cap,
             "tokenizer": args.tokenizer,
             "max_prompt_len": args.max_prompt_len,
             "sim_seconds": time.perf_counter() - t0,

@@ -1,7 +1,8 @@
-"""Host overhead of the scheduler at paper scale, as a share of the simulated iteration.
+"""Host overhead of the shared `Scheduler` (scheduler/loop.py) at paper scale, as a share of
+the simulated iteration.
 
     python -m adaserve_jax.sim.overhead [--profile paper-llama70b] [--running 64 80 96]
-        [--budgets 256 512 1024] [--policy adaserve ...] [--iterations 150] [--stock]
+        [--budgets 256 512 1024] [--policy adaserve ...] [--iterations 150]
         [--json OUT.json] [--hotspots]
 
 For every (policy, running requests, token budget): `n` requests with long outputs are
@@ -31,15 +32,13 @@ from adaserve_jax.scheduler.request import Request
 from adaserve_jax.sim.calibration import load_calibration
 from adaserve_jax.sim.engine import SimEngine, VirtualClock
 from adaserve_jax.sim.profiles import load_profile
-from adaserve_jax.sim.scheduler import SimScheduler
 
 
 def measure(profile, calibration, policy: str, running: int, budget: int, iterations: int,
-            stock: bool = False, prompt_len: int = 256, profiler=None) -> dict:  # fmt: skip
+            prompt_len: int = 256, profiler=None) -> dict:  # fmt: skip
     clock = VirtualClock()
     eng = SimEngine(profile, calibration, num_slots=running, max_len=8192, clock=clock)
-    cls = Scheduler if stock else SimScheduler
-    sched = cls(
+    sched = Scheduler(
         eng, policy=policy, token_budget=budget, clock=clock, profile=profile.latency_profile()
     )
     for i in range(running):
@@ -76,7 +75,6 @@ def measure(profile, calibration, policy: str, running: int, budget: int, iterat
         "policy": policy,
         "running": running,
         "token_budget": budget,
-        "scheduler": "stock" if stock else "sim",
         "mean_tokens_per_step": float(tokens),
         "iteration_ms": float(virt_a.mean() * 1e3),
         "host_ms": float(host_a.mean() * 1e3),
@@ -96,7 +94,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--policy", action="append", dest="policies")
     ap.add_argument("--iterations", type=int, default=150)
-    ap.add_argument("--stock", action="store_true", help="also time the stock Scheduler")
     ap.add_argument("--hotspots", action="store_true")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
@@ -104,21 +101,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cal = load_calibration(args.calibration)
     rows = []
     for policy in args.policies or ["adaserve"]:
-        for stock in (False, True) if args.stock else (False,):
-            for n in args.running:
-                for b in args.budgets:
-                    if b < n:
-                        continue
-                    r = measure(profile, cal, policy, n, b, args.iterations, stock)
-                    rows.append(r)
-                    print(
-                        f"{policy:<15} {r['scheduler']:<5} n={n:<3} B={b:<5} "
-                        f"tokens/step {r['mean_tokens_per_step']:6.1f}  iteration "
-                        f"{r['iteration_ms']:6.1f} ms  host {r['host_ms']:6.3f} ms "
-                        f"({r['host_share']:.3%})  selection {r['selection_ms']:.3f} ms "
-                        f"({r['selection_share']:.3%})",
-                        flush=True,
-                    )
+        for n in args.running:
+            for b in args.budgets:
+                if b < n:
+                    continue
+                r = measure(profile, cal, policy, n, b, args.iterations)
+                rows.append(r)
+                print(
+                    f"{policy:<15} n={n:<3} B={b:<5} "
+                    f"tokens/step {r['mean_tokens_per_step']:6.1f}  iteration "
+                    f"{r['iteration_ms']:6.1f} ms  host {r['host_ms']:6.3f} ms "
+                    f"({r['host_share']:.3%})  selection {r['selection_ms']:.3f} ms "
+                    f"({r['selection_share']:.3%})",
+                    flush=True,
+                )
     if args.hotspots:
         prof = cProfile.Profile(time.thread_time)  # CPU time: contention-proof attribution
         policy = (args.policies or ["adaserve"])[0]

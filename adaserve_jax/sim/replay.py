@@ -34,7 +34,6 @@ from adaserve_jax.scheduler.request import Phase, Request, RequestState
 from adaserve_jax.sim.calibration import Calibration
 from adaserve_jax.sim.engine import SimEngine, VirtualClock
 from adaserve_jax.sim.profiles import SimProfile
-from adaserve_jax.sim.scheduler import SimScheduler
 
 PAPER_SLO_MULTIPLE = {"coding": 1.2, "chat": 50.0 / 30.0, "summarization": 5.0}
 
@@ -48,11 +47,6 @@ class SimSettings:
     prefill_chunk: int = 512  # sarathi's per-step prefill chunk
     max_len: int = 4096  # context per slot
     seed: int = 0
-    stock_scheduler: bool = False  # True: plain Scheduler (same as SimScheduler w/o experiments)
-    budget_fallback: str = "stock"  # "throughput": experimental budget-rule fallback (scheduler.py)
-    decode_reserve: str = "stock"  # "tree": experiment, AdaServe reserves whole trees
-    fixed_alpha: float | None = None  # experiment: fixed acceptance model for the budget rule
-    fair_cap: float | None = None  # experiment: selector node_cap = ceil(c * budget / n)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "prefill_chunk", "max_len"):
@@ -152,25 +146,7 @@ def simulate(
         seed=settings.seed,
     )
     finished: list[float] = []
-    extra = {}
-    if settings.stock_scheduler:
-        cls = Scheduler
-        if (
-            settings.budget_fallback != "stock"
-            or settings.decode_reserve != "stock"
-            or settings.fixed_alpha is not None
-            or settings.fair_cap is not None
-        ):
-            raise ValueError("experiments need the sim scheduler (stock_scheduler=False)")
-    else:
-        cls = SimScheduler
-        extra = {
-            "budget_fallback": settings.budget_fallback,
-            "decode_reserve": settings.decode_reserve,
-            "fixed_alpha": settings.fixed_alpha,
-            "fair_cap": settings.fair_cap,
-        }
-    sched = cls(
+    sched = Scheduler(
         engine,
         policy=policy,
         token_budget=settings.token_budget,
@@ -178,7 +154,6 @@ def simulate(
         clock=clock,
         profile=profile.latency_profile(),
         on_finish=lambda s: finished.append(clock()),
-        **extra,
     )
     states: list[RequestState] = []
     host: list[float] = []
