@@ -1,51 +1,44 @@
 """Hardware-aware token budget: how many tokens the next verify step should carry.
 
-Inputs: a latency profile measured at start-up (verify-step latency per token-count bucket and,
-optionally, draft-step latency), the number `n` of running requests, an acceptance model
-`E(k)` = expected accepted tokens per request (bonus included) when `k` tokens (root included)
-are verified for it, and the running requests' TPOT SLOs.
+Inputs: a latency profile measured at start-up (verify-step latency per token-count bucket and
+draft-step latency), this iteration's drafted candidate trees with their path probabilities
+`f` *calibrated* against observed acceptance (scheduler/confidence.py), the tokens of the
+prefill chunks that ride in the same step, and the running requests' TPOT SLOs.
 
-The rule (DESIGN.md §4 leaves it open; this is the one we use):
+The rule (DESIGN.md §4 leaves it open; this is the one we use, `choose_budget_from_trees`):
 
-    candidates  B in profile buckets with B >= n              (every request needs its root)
-    t_iter(B) = verify(B) + depth(B) * draft(n * width(B)) + host overhead
-    E_tot(B)  = n * min(E(B / n), depth(B) + 1)               (tokens split evenly)
+    candidates  B in profile buckets with n <= B <= the budget left after prefill chunks
+    t_iter(B) = verify(B + prefill) + draft + host overhead     (B = n: no draft, see below)
+    E_tot(B)  = sum of the B largest calibrated f over all requests
     feasible    t_iter(B) <= margin * min_r(t_r) * E_tot(B) / n
     choose      argmax over feasible B of E_tot(B) / t_iter(B)    (ties: smaller B)
-    fallback    the smallest bucket >= n when no B is feasible
+    fallback    argmax of E_tot(B) / t_iter(B) over all B
 
 Why this rule:
 - *Goodput is tokens per second of iteration*, so maximize `E_tot / t_iter`, not `E_tot` alone.
-  On a flat profile region (this CPU: T≈4..64) extra tokens are almost free and the rule grows
-  `B`; past it latency grows faster than the concave `E` and the rule stops. A lone request sits
-  at the steep T=1..4 start of the profile, so it only speculates when `E` pays for the jump.
-- *The SLO constraint is per-iteration slack.* The tightest request produces about `E(B/n)`
-  tokens per iteration, so it stays within its TPOT `t_r` iff `t_iter <= t_r * E(B/n)`. Checking
-  `t_iter <= t_r` alone (one token per step) would forbid exactly the speculation that lets a
-  tight request beat its SLO; using the even share `B/n` (not what the SLO phase may give the
-  tightest request) keeps the check conservative. `margin < 1` leaves extra headroom.
+  On a flat profile region extra tokens are almost free and the rule grows `B`; past it
+  latency grows faster than the concave `E_tot` and the rule stops. A lone request on this CPU
+  sits at the steep T=1..4 start of the profile, so it only speculates when `E` pays for it.
+- *E is read off the trees*, not from a fitted model: the greedy top-B pick is exactly what the
+  selector can reach, and calibration makes `f` an acceptance estimate (a raw, under-confident
+  draft made every deep node look worthless and pinned the rule to roots only).
+- *The SLO constraint is per-iteration slack.* The tightest request produces about
+  `E_tot / n` tokens per iteration, so it stays within its TPOT `t_r` iff
+  `t_iter <= t_r * E_tot / n`; the selector's SLO phase then moves tokens to whoever needs them.
+- *Roots only means no drafting.* Choosing B = n switches the scheduler to plain decoding
+  without the draft model until it explores again (scheduler/loop.py), so that candidate is
+  priced without the draft's cost; the draft cost of this iteration itself is already spent.
 - *Buckets only*: the verify step is compiled per bucket and pads to it, so a budget between
   buckets costs the next bucket's latency anyway.
-- Falling back to the smallest bucket >= n (not to "no step") keeps every request progressing
-  with the cheapest step when the SLOs cannot all be met; the selector's SLO phase then spends
-  the little budget on the most-behind requests.
-
-The draft term uses the adaptive tree shape (paper §5.2) with `B1 = B`: `depth` draft steps of
-`n * width` tokens each. A profile without draft timing counts drafting as free.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-from adaserve_jax.scheduler.tree_shape import TreeShape, TreeShapeConfig
-
-AcceptanceModel = Callable[[float], float]
-"""E(k): expected accepted tokens per request (bonus included) with k >= 1 tokens verified."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -190,52 +183,13 @@ class LatencyProfile:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class GeometricAcceptance:
-    """E(k) = (1 - alpha^k) / (1 - alpha): a chain whose every drafted token is accepted with
-    probability `alpha` — concave, E(1) = 1 (the bonus token), saturating at 1 / (1 - alpha)."""
-
-    alpha: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha < 1.0):
-            raise ValueError(f"alpha={self.alpha} must lie in [0, 1)")
-
-    def __call__(self, tokens_per_request: float) -> float:
-        k = max(float(tokens_per_request), 1.0)
-        return (1.0 - self.alpha**k) / (1.0 - self.alpha)
-
-    @classmethod
-    def fit(
-        cls,
-        tokens_per_request: Sequence[float] | np.ndarray,
-        accepted: Sequence[float] | np.ndarray,
-    ) -> GeometricAcceptance:
-        """Least-squares alpha (grid step 0.001) from recent (tokens verified, tokens accepted)
-        observations, e.g. a sliding window of per-request verify results."""
-        k = np.maximum(np.asarray(tokens_per_request, dtype=np.float64), 1.0)
-        acc = np.asarray(accepted, dtype=np.float64)
-        if k.ndim != 1 or acc.shape != k.shape or k.size == 0:
-            raise ValueError(f"need matching non-empty 1-D samples, got {k.shape} and {acc.shape}")
-        if not (np.all(np.isfinite(k)) and np.all(np.isfinite(acc))):
-            raise ValueError("tokens_per_request and accepted must be finite")
-        alphas = np.arange(0.0, 0.999, 0.001)[:, None]  # [G, 1]
-        # group samples by distinct k (a handful of values): same squared error, K << S columns
-        ks, inv = np.unique(k, return_inverse=True)
-        count = np.bincount(inv, minlength=ks.size).astype(np.float64)
-        total = np.bincount(inv, weights=acc, minlength=ks.size)
-        pred = (1.0 - alphas**ks) / (1.0 - alphas)  # [G, K]
-        sse = (count * pred * pred - 2.0 * total * pred).sum(axis=1)  # + const sum(acc^2)
-        return cls(float(alphas[np.argmin(sse), 0]))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class BudgetChoice:
     """The chosen budget and what the rule predicted for it.
 
     budget: tokens per verify step (a profile bucket >= n). t_iter_s: predicted iteration latency.
-    expected_accepted: n * E(budget / n). tokens_per_s: expected_accepted / t_iter_s.
+    expected_accepted: E_tot(budget), the calibrated f of the budget's best nodes.
+    tokens_per_s: expected_accepted / t_iter_s.
     fits_slo: False when no bucket met the SLO constraint and the fallback was taken.
-    shape: the tree shape priced into t_iter_s (depth 0 when budget == n).
     """
 
     budget: int
@@ -243,70 +197,6 @@ class BudgetChoice:
     expected_accepted: float
     tokens_per_s: float
     fits_slo: bool
-    shape: TreeShape
-
-
-def iteration_latency_s(
-    profile: LatencyProfile, budget: int, num_requests: int, shape: TreeShapeConfig
-) -> tuple[float, TreeShape]:
-    """Predicted iteration latency with `budget` verify tokens, and the tree shape it assumes."""
-    if budget <= num_requests:  # roots only: nothing to draft
-        tree = TreeShape(0, 1)
-    else:
-        tree = shape.shape(num_requests, verify_budget=budget)
-    ms = float(profile.verify.latency_ms(budget)) + profile.host_ms
-    if profile.draft is not None and tree.depth > 0:
-        ms += tree.depth * float(profile.draft.latency_ms(num_requests * tree.width))
-    return ms / 1e3, tree
-
-
-def choose_budget(
-    profile: LatencyProfile,
-    num_requests: int,
-    acceptance: AcceptanceModel,
-    tpot_slos_s: Sequence[float] | np.ndarray,
-    *,
-    shape: TreeShapeConfig | None = None,
-    slo_margin: float = 1.0,
-) -> BudgetChoice:
-    """Picks the verify budget for the next iteration; see the module docstring for the rule."""
-    n = num_requests
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_requests={n!r} must be an int >= 1")
-    slos = np.asarray(tpot_slos_s, dtype=np.float64)
-    if slos.ndim != 1 or slos.size == 0:
-        raise ValueError(f"tpot_slos_s.shape={slos.shape} must be [n] with n >= 1")
-    if not np.all(np.isfinite(slos) & (slos > 0)):
-        raise ValueError(f"tpot_slos_s={slos} must be finite and > 0")
-    if not (math.isfinite(slo_margin) and slo_margin > 0):
-        raise ValueError(f"slo_margin={slo_margin} must be finite and > 0")
-    candidates = [b for b in profile.buckets if b >= n]
-    if not candidates:
-        raise ValueError(
-            f"num_requests={n} exceeds the largest bucket {profile.buckets[-1]}: the roots alone "
-            "do not fit one verify step"
-        )
-    shape = TreeShapeConfig() if shape is None else shape
-    tightest = float(slos.min())
-    best: BudgetChoice | None = None
-    fallback: BudgetChoice | None = None
-    for b in candidates:
-        t_iter, tree = iteration_latency_s(profile, b, n, shape)
-        per_request = float(acceptance(b / n))
-        if not (math.isfinite(per_request) and per_request >= 1.0 - 1e-9):
-            raise ValueError(f"acceptance({b / n})={per_request}: E(k) must be finite and >= 1")
-        if tree.depth + 1 < per_request:  # a tree of depth d yields at most d + 1 tokens
-            per_request = float(tree.depth + 1)
-        total = n * per_request
-        fits = t_iter <= slo_margin * tightest * per_request
-        rate = total / t_iter if t_iter > 0 else math.inf
-        choice = BudgetChoice(b, t_iter, total, rate, fits, tree)
-        if fallback is None:
-            fallback = dataclasses.replace(choice, fits_slo=False)
-        if fits and (best is None or choice.tokens_per_s > best.tokens_per_s):
-            best = choice
-    assert fallback is not None
-    return best if best is not None else fallback
 
 
 def choose_budget_from_trees(
@@ -361,6 +251,5 @@ def choose_budget_from_trees(
     fits = t_iter <= slo_margin * float(slos.min()) * total / n
     k = int(np.lexsort((cands, -rate, ~fits))[0])  # feasible first, then rate, then small B
     return BudgetChoice(
-        int(cands[k]), float(t_iter[k]), float(total[k]), float(rate[k]), bool(fits[k]),
-        TreeShape(0, 1),
-    )  # fmt: skip
+        int(cands[k]), float(t_iter[k]), float(total[k]), float(rate[k]), bool(fits[k])
+    )

@@ -32,8 +32,6 @@ from adaserve_jax.engine.batch import Move, Segment
 from adaserve_jax.engine.kv_alloc import SlotAllocator
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_path
 from adaserve_jax.scheduler.budget import (
-    AcceptanceModel,
-    GeometricAcceptance,
     LatencyProfile,
     choose_budget_from_trees,
 )
@@ -96,7 +94,6 @@ class Scheduler:
         on_finish: Callable[[RequestState], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         profile: LatencyProfile | None = None,
-        acceptance: AcceptanceModel | None = None,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"{token_budget=} must be >= 1")
@@ -120,8 +117,6 @@ class Scheduler:
         self.token_budget = token_budget
         self.prefill_chunk = prefill_chunk
         self.profile = profile
-        self.acceptance = acceptance or GeometricAcceptance(0.6)
-        self._acc_samples: collections.deque = collections.deque(maxlen=256)
         self.calibrator = AcceptanceCalibrator()
         # adaserve: slot -> (raw log f, depth, sibling rank) of the nodes it sent to verify
         self._sel_log_f: dict[int, tuple[np.ndarray, ...]] = {}
@@ -232,7 +227,6 @@ class Scheduler:
                 r.phase = Phase.DECODE
                 self._emit(r, [int(sampled[off + n - 1])], now)
         if spec:
-            self._refit_acceptance()
             self.calibrator.flush()
         self.iterations += 1
         self.step_log.append(
@@ -396,16 +390,6 @@ class Scheduler:
         self._select_seconds += time.perf_counter() - t0
         return list(sel.nodes)
 
-    def _observe_acceptance(self, verified: int, accepted: int) -> None:
-        if verified > 1:  # a root-only step says nothing about acceptance
-            self._acc_samples.append((verified, accepted + 1))
-
-    def _refit_acceptance(self) -> None:
-        """Refit E(k) from the recent verify results, once every 32 iterations."""
-        if len(self._acc_samples) >= 16 and self.iterations % 32 == 0:
-            k, a = zip(*self._acc_samples, strict=True)
-            self.acceptance = GeometricAcceptance.fit(k, a)
-
     def _commit_tree(self, r: RequestState, seg: Segment, target: np.ndarray, now: float) -> int:
         """Acceptance walk for one verified tree; queue KV compaction; emit tokens."""
         path, emitted = accept_path(seg.parents, seg.tokens, target)
@@ -414,7 +398,6 @@ class Scheduler:
             if node != i:
                 self._moves.append(Move(r.slot, base + node, base + i))
         r.cached += 1 + len(path)
-        self._observe_acceptance(len(seg), len(path))
         picked = self._sel_log_f.pop(r.slot, None)
         if picked is not None and len(picked[0]) > 1:
             self.calibrator.observe_tree(seg.parents, picked[0], path, picked[1], picked[2])

@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from adaserve_jax.engine.tree import DraftTrees, TreeShape
+from adaserve_jax.scheduler.tree_shape import TreeShapeConfig
 
 
 class PolicyKind(enum.Enum):
@@ -46,11 +47,22 @@ _TREE = re.compile(r"tree:(\d+),(\d+)$")
 
 def fit_adaserve_shape(shape: TreeShape, token_budget: int, num_slots: int) -> TreeShape:
     """AdaServe's candidate tree for an engine with `num_slots` slots and a `token_budget`:
-    the paper's depth rule `d = clip(floor(B / n) - 1, 1, Dmax)` at the most running requests
-    (`n = num_slots`), so that every slot's draft catch-up chain (up to d + 1 accepted tokens)
-    fits one step. The engine warms up exactly this shape."""
-    depth = max(1, min(shape.depth, token_budget // max(num_slots, 1) - 1))
-    return shape if depth == shape.depth else dataclasses.replace(shape, depth=depth)
+    the paper's §5.2 rule (scheduler/tree_shape.py) at the most running requests
+    `n = num_slots`, with verify budget B1 = token_budget (c1 = 0, so every slot's draft
+    catch-up chain of up to d + 1 accepted tokens fits one step) and draft budget
+    B2 = token_budget / 2, clipped to `shape`'s depth and width. Fixed per engine, so the
+    engine warms up exactly this shape (no compilation while serving)."""
+    cfg = TreeShapeConfig(
+        verify_budget=max(token_budget, 1),
+        draft_budget=max(token_budget // 2, 1),
+        c1=0,
+        c2=0,
+        min_depth=1,
+        max_depth=shape.depth,
+        max_width=shape.width,
+    )
+    fitted = cfg.shape(max(num_slots, 1))  # width <= shape.width <= shape.topk
+    return dataclasses.replace(shape, depth=fitted.depth, width=fitted.width)
 
 
 def parse_policy(name: str, *, adaserve_shape: TreeShape = ADASERVE_SHAPE) -> Policy:
