@@ -88,6 +88,7 @@ class Scheduler:
         policy: Policy | str = "autoregressive",
         token_budget: int = 256,
         prefill_chunk: int = 64,
+        prefill_floor: int = 0,
         eos_id: int | None = None,
         decode_text: Callable[[list[int]], str] | None = None,
         on_tokens: TokenCallback | None = None,
@@ -116,6 +117,12 @@ class Scheduler:
                 )
         self.token_budget = token_budget
         self.prefill_chunk = prefill_chunk
+        if not isinstance(prefill_floor, int) or not 0 <= prefill_floor <= token_budget:
+            raise ValueError(f"{prefill_floor=} must be an int in [0, token_budget]")
+        # adaserve: tokens per step kept for waiting prompts before candidate trees are
+        # reserved (0: trees first, best TPOT attainment, prompts queue under overload; larger:
+        # lower TTFT, more requests decoding at once, tighter SLOs missed sooner; SIMULATION.md)
+        self.prefill_floor = prefill_floor
         self.profile = profile
         self.calibrator = AcceptanceCalibrator()
         # adaserve: slot -> (raw log f, depth, sibling rank) of the nodes it sent to verify
@@ -262,7 +269,8 @@ class Scheduler:
             return n
         catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
         if self.policy.kind is PolicyKind.ADASERVE:
-            verify = n * shape.num_nodes  # room for every candidate tree, as fixed trees do
+            # room for every candidate tree, as fixed trees do, minus the prefill floor
+            verify = min(n * shape.num_nodes, max(n, self.token_budget - self.prefill_floor))
         else:
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)

@@ -3,7 +3,7 @@
     python -m adaserve_jax.sim --profile paper-llama70b|local|PROFILE.json
         --workload TRACE.json [--workload TRACE2.json ...] [--policy NAME ...]
         [--num-requests N] [--max-output-len L] [--time-scale X | --time-scales X ...]
-        [--calibration FILE] [--max-batch B] [--token-budget T] [--prefill-chunk C]
+        [--calibration FILE] [--max-batch B] [--token-budget T] [--prefill-chunk C] [--prefill-floor F]
         [--tokenizer FILE --max-prompt-len P] --json OUT.json --plot OUT.png
 
 Writes the real bench's JSON schema (`baseline_tpot_ms`, `settings`, `sweep`, and for a single
@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=positive(int), default=128)
     ap.add_argument("--token-budget", type=positive(int), default=1024)
     ap.add_argument("--prefill-chunk", type=positive(int), default=512)
+    ap.add_argument(
+        "--prefill-floor",
+        type=int,
+        default=0,
+        help="adaserve: tokens per step kept for waiting prompts before candidate trees",
+    )
     ap.add_argument("--max-len", type=positive(int), default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="use real prompt token counts")
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
             max_batch=args.max_batch,
             token_budget=args.token_budget,
             prefill_chunk=args.prefill_chunk,
+            prefill_floor=args.prefill_floor,
             max_len=args.max_len,
             seed=args.seed,
         )
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
             "max_batch": settings.max_batch,
             "token_budget": settings.token_budget,
             "prefill_chunk": settings.prefill_chunk,
+            "prefill_floor": settings.prefill_floor,
             "max_len": settings.max_len,
             "seed": settings.seed,
             "tokenizer": args.tokenizer,

@@ -45,6 +45,7 @@ class SimSettings:
     max_batch: int = 128  # KV slots = max running requests
     token_budget: int = 1024  # tokens per verify step
     prefill_chunk: int = 512  # sarathi's per-step prefill chunk
+    prefill_floor: int = 0  # adaserve: tokens per step kept for prompts before trees
     max_len: int = 4096  # context per slot
     seed: int = 0
 
@@ -151,6 +152,7 @@ def simulate(
         policy=policy,
         token_budget=settings.token_budget,
         prefill_chunk=settings.prefill_chunk,
+        prefill_floor=settings.prefill_floor,
         clock=clock,
         profile=profile.latency_profile(),
         on_finish=lambda s: finished.append(clock()),

@@ -229,3 +229,31 @@ def test_adaserve_decodes_without_the_draft_when_speculation_does_not_pay():
     assert accepted == 0 and calls < iters / 4  # prefill + a few backed-off explorations
     calls, iters, accepted = runs["flat"]
     assert accepted > 0 and calls >= iters - 1
+
+
+def test_adaserve_prefill_floor_trades_tree_room_for_ttft():
+    """With trees reserved first (floor 0) a long prompt waits behind the decoding requests'
+    candidate trees; a prefill floor keeps part of every step for it."""
+    first_token_iteration = {}
+    for floor in (0, 48):
+        eng = MockEngine(num_slots=4)
+        sched = Scheduler(
+            eng,
+            policy="adaserve",
+            token_budget=64,
+            prefill_chunk=64,
+            prefill_floor=floor,
+            profile=LatencyProfile.cpu_reference(),
+        )
+        sched.clock = lambda s=sched: float(s.iterations)  # time = iterations
+        for i in range(3):
+            sched.submit(_req(i, prompt_len=4, max_tokens=60, tpot_slo_ms=1e5))
+        for _ in range(3):
+            sched.step()  # the three short prompts are decoding now
+        late = sched.submit(_req(9, prompt_len=200, max_tokens=4, tpot_slo_ms=1e5))
+        sched.run_until_done()
+        assert late.output == _expected(_req(9, prompt_len=200, max_tokens=4))
+        first_token_iteration[floor] = late.first_token_time
+    assert first_token_iteration[48] < first_token_iteration[0]
+    with pytest.raises(ValueError, match="prefill_floor"):
+        Scheduler(MockEngine(), policy="adaserve", token_budget=64, prefill_floor=65)
