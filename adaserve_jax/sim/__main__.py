@@ -3,7 +3,8 @@
     python -m adaserve_jax.sim --profile paper-llama70b|local|PROFILE.json
         --workload TRACE.json [--workload TRACE2.json ...] [--policy NAME ...]
         [--num-requests N] [--max-output-len L] [--time-scale X | --time-scales X ...]
-        [--calibration FILE] [--max-batch B] [--token-budget T] [--prefill-chunk C] [--prefill-floor F]
+        [--calibration FILE] [--max-batch B] [--token-budget T] [--prefill-chunk C]
+        [--prefill-floor F]
         [--tokenizer FILE --max-prompt-len P] --json OUT.json --plot OUT.png
 
 Writes the real bench's JSON schema (`baseline_tpot_ms`, `settings`, `sweep`, and for a single
