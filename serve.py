@@ -25,6 +25,16 @@ DEFAULT_DRAFT = ROOT / "checkpoints" / "draft"
 log = logging.getLogger("adaserve.serve")
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not val >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return val
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
@@ -71,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM grace period")
     g.add_argument("--max-workers", type=int, default=512, help="RPC threads (one per stream)")
     g.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    g.add_argument(
+        "--stream-interval-ms",
+        type=_nonneg_float,
+        default=20.0,
+        help="Generate sends at most one message per stream per interval (tokens merged); 0 = "
+        "one message per decoding step",
+    )
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
     g.add_argument(
@@ -178,7 +195,12 @@ def serve(args: argparse.Namespace) -> int:
             auth_token=args.auth_token,
             metrics_port=args.metrics_port,
         )
-        servicer = GenerationServicer(policy=policy, metrics=ServerMetrics(), version=__version__)
+        servicer = GenerationServicer(
+            policy=policy,
+            metrics=ServerMetrics(),
+            version=__version__,
+            stream_interval_s=args.stream_interval_ms / 1e3,
+        )
         server = GrpcServer(config, servicer)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -218,6 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--category", default="summarization")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument(
+        "--stream-interval-ms", type=float, default=20.0, help="serve.py's message interval"
+    )
     p.add_argument("--token-buckets", default="1,4,16,64")
     p.add_argument("--ctx-buckets", default="64,256")
     p.add_argument("--overhead-concurrency", type=int, default=16, help="0 = skip in-process")
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "--policy", policy, "--port", str(port), "--metrics-port", "0",
             "--max-batch", str(args.max_batch), "--token-buckets", args.token_buckets,
             "--ctx-buckets", args.ctx_buckets, "--no-progress", "--drain-seconds", "5",
+            "--stream-interval-ms", str(args.stream_interval_ms),
         ]  # fmt: skip
         log = open(tmp / "server.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

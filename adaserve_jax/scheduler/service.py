@@ -11,8 +11,10 @@ An exception inside one iteration fails the requests of that iteration with
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from adaserve_jax.scheduler.loop import Scheduler
@@ -44,20 +46,30 @@ class RequestHandle:
         A consumer that falls behind gets everything queued meanwhile in one list, so a
         slow reader costs one message per read, not one per loop iteration.
         """
+        return self.stream()
+
+    def stream(self, min_interval_s: float = 0.0) -> Iterator[list[int]]:
+        """Like iterating the handle, but yields at most once per `min_interval_s` (except
+        the first tokens and the end): tokens arriving meanwhile are merged into one list.
+        A streaming server uses it to send fewer, larger messages (each message costs the
+        serving process CPU time that the scheduler thread then waits for)."""
+        last = -math.inf
         while True:
             item = self._events.get()
             if item is _DONE:
                 return
             done = False
             while True:
+                wait = last + min_interval_s - time.monotonic()
                 try:
-                    more = self._events.get_nowait()
+                    more = self._events.get(timeout=wait) if wait > 0 else self._events.get_nowait()
                 except queue.Empty:
                     break
                 if more is _DONE:
                     done = True
                     break
                 item = item + more
+            last = time.monotonic()
             yield item
             if done:
                 return

@@ -117,9 +117,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         categories: Sequence[str] = ("coding", "chat", "summarization"),
         metrics: ServerMetrics | None = None,
         version: str = "",
+        stream_interval_s: float = 0.0,
     ) -> None:
+        if not (stream_interval_s >= 0):
+            raise ValueError(f"{stream_interval_s=} must be >= 0")
         self.engine = None
         self.policy = policy
+        # Generate sends at most one message per stream per interval (tokens merged)
+        self.stream_interval_s = float(stream_interval_s)
         self.categories = tuple(categories)
         self.metrics = metrics
         self.version = version
@@ -255,7 +260,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 engine.tokenizer.decode if engine.tokenizer is not None else None, req.stop
             )
             output: list[int] = []
-            for tokens in handle:
+            for tokens in handle.stream(self.stream_interval_s):
                 output.extend(tokens)
                 yield pb.GenerateResponse(
                     request_id=req.request_id, token_ids=tokens, text=stream.push(output)

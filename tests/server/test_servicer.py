@@ -43,6 +43,9 @@ class FakeHandle:
         if first == LOOP_ERROR:
             self.state.finish_reason, self.state.error = FinishReason.ERROR, "step failed"
 
+    def stream(self, min_interval_s=0.0):
+        return iter(self)
+
     def wait(self, timeout=None):
         if self.state.finish_reason is None:
             for _ in self:

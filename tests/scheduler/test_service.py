@@ -1,0 +1,41 @@
+"""RequestHandle streaming: merged token lists, the message interval, nothing lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from adaserve_jax.scheduler.request import Request
+from adaserve_jax.scheduler.service import _DONE, RequestHandle
+
+
+def _produce(handle: RequestHandle, n: int, gap_s: float) -> threading.Thread:
+    def run():
+        for i in range(n):
+            handle._events.put([i])
+            time.sleep(gap_s)
+        handle._events.put(_DONE)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_stream_interval_merges_tokens_and_loses_none():
+    chunks = {}
+    for interval in (0.0, 0.05):
+        handle = RequestHandle(None, Request("r", (1, 2), 40))
+        t = _produce(handle, 40, 0.004)
+        chunks[interval] = list(handle.stream(interval))
+        t.join()
+        assert [tok for c in chunks[interval] for tok in c] == list(range(40))
+    # ~160 ms of tokens: at most one message per 50 ms (+ the first one) with the interval
+    assert len(chunks[0.05]) <= 6 < len(chunks[0.0])
+
+
+def test_iterating_a_handle_merges_what_queued_meanwhile():
+    handle = RequestHandle(None, Request("r", (1,), 3))
+    for i in range(3):
+        handle._events.put([i])
+    handle._events.put(_DONE)
+    assert list(handle) == [[0, 1, 2]]
