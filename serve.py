@@ -84,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--stream-interval-ms",
         type=_nonneg_float,
-        default=20.0,
-        help="Generate sends at most one message per stream per interval (tokens merged); 0 = "
-        "one message per decoding step",
+        default=0.0,
+        help="Generate sends at most one message per stream per interval (tokens merged); "
+        "0 (default) = one message per loop iteration; 20 cuts server overhead (BENCHMARKS.md)",
     )
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")

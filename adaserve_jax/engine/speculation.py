@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from adaserve_jax.engine.batch import Segment
-from adaserve_jax.engine.device import DeviceModel
+from adaserve_jax.engine.device import DeviceModel, attention_function
+from adaserve_jax.engine.mesh import shard_attention
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, tree_depths
 from adaserve_jax.model.loader import Model
 from adaserve_jax.steps.expand import build_expand
@@ -37,7 +38,13 @@ class DraftDevice:
             **device_kwargs,
         )
         self.shapes = tuple(shapes)
-        self._expand = build_expand(draft.config)
+        impl = device_kwargs.get("attention_impl", "xla")
+        # the XLA path keeps the fused einsum attention; the Pallas paths use the kernel (per
+        # device shard under a mesh, as the flat step does)
+        kernel = None
+        if impl != "xla":
+            kernel = shard_attention(attention_function(impl), device_kwargs.get("mesh"))
+        self._expand = build_expand(draft.config, kernel)
         self.mirror = None  # multi-host: publishes each expansion to the other processes
 
     @property

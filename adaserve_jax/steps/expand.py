@@ -45,9 +45,46 @@ def _expansion_attention(q, k, v, kc, vc, kbuf, vbuf, slot, ctx_len, anc, attend
     return out.reshape(r, w, h, d)
 
 
-def build_expand(cfg: ModelConfig):
+def _kernel_expansion_attention(
+    attention, q, kc, vc, kbuf, vbuf, slot, ctx_len, anc, base, attended_len
+):
+    """The same attention through a tree-attention kernel with the flat contract of
+    `pallas_kernels.tree_attention` (q, new K/V and the tree mask over one flat token axis).
+
+    The flat batch is every request's whole buffer (R * Bn tokens, new K/V = the buffer): the
+    frontier's queries sit at their buffer columns `base .. base + W` and see their ancestors
+    (`anc`); every other row is a placeholder query (zeros) that sees only itself and is dropped.
+    """
+    r, w, h, d = q.shape
+    nbuf, kvh = kbuf.shape[1], kbuf.shape[2]
+    t = r * nbuf
+    q_full = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((r, nbuf, h, d), q.dtype), q, base, 1)
+    eye = jnp.eye(nbuf, dtype=bool)
+    own = jnp.broadcast_to(eye, (r, nbuf, nbuf))
+    mask = jax.lax.dynamic_update_slice_in_dim(own, anc, base, axis=1)  # [R, Bn, Bn]
+    same = jnp.eye(r, dtype=bool)[:, None, :, None]  # block diagonal over requests
+    tree_mask = (same & mask[:, :, None, :]).reshape(t, t)
+    out = attention(
+        q_full.reshape(t, h, d),
+        kc,
+        vc,
+        kbuf.reshape(t, kvh, d),
+        vbuf.reshape(t, kvh, d),
+        jnp.repeat(slot, nbuf),
+        jnp.repeat(ctx_len, nbuf),
+        tree_mask,
+        attended_len=attended_len,
+    )
+    return jax.lax.dynamic_slice_in_dim(out.reshape(r, nbuf, h, d), base, w, axis=1)
+
+
+def build_expand(cfg: ModelConfig, attention=None):
     """expand(params, caches, root_vals f32[R,k], root_toks i32[R,k], slot i32[R],
-    root_pos i32[R], *, depth, width, attended_len) -> (tokens, parents, log_f) [R, N]."""
+    root_pos i32[R], *, depth, width, attended_len) -> (tokens, parents, log_f) [R, N].
+
+    attention: None for the fused einsum attention (the XLA path), or a tree-attention
+    function with the flat kernel contract (`pallas_kernels.tree_attention`), e.g. the Pallas
+    kernel, which then computes every expansion step's attention too."""
     model = Transformer(cfg)
 
     @functools.partial(jax.jit, static_argnames=("depth", "width", "attended_len"))
@@ -87,9 +124,14 @@ def build_expand(cfg: ModelConfig):
                 kc, vc, kb, vb = cache
                 kb = jax.lax.dynamic_update_slice_in_dim(kb, kk, base, axis=1)
                 vb = jax.lax.dynamic_update_slice_in_dim(vb, vv, base, axis=1)
-                out = _expansion_attention(
-                    q, kk, vv, kc, vc, kb, vb, slot, ctx_len, anc, attended_len
-                )
+                if attention is None:
+                    out = _expansion_attention(
+                        q, kk, vv, kc, vc, kb, vb, slot, ctx_len, anc, attended_len
+                    )
+                else:
+                    out = _kernel_expansion_attention(
+                        attention, q, kc, vc, kb, vb, slot, ctx_len, anc, base, attended_len
+                    )
                 return out, (kc, vc, kb, vb)
 
             positions = jnp.broadcast_to((root_pos + j)[:, None], (r, width))

@@ -70,6 +70,7 @@ class ServerProcess:
             "--ctx-buckets", "64,256",
             "--max-batch", str(MAX_BATCH),
             "--max-queue", "128",
+            "--stream-interval-ms", "0",  # one message per loop iteration (tests count them)
             "--no-progress",
             *extra,
         ]  # fmt: skip
