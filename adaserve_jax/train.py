@@ -59,7 +59,7 @@ RUN_CONFIG = "model_config.json"
 class TrainConfig:
     """Hyper-parameters and paths of one training run (all defaults reproduce the target)."""
 
-    steps: int = 190
+    steps: int = 640
     batch_size: int = 4
     seq_len: int = 1024
     short_seq_len: int = 256
@@ -130,7 +130,7 @@ PRESETS: dict[str, tuple[Any, TrainConfig]] = {
     "draft": (
         ModelConfig.draft_small,
         TrainConfig(
-            steps=300,
+            steps=900,
             decay_frac=0.15,
             lr=3e-3,
             warmup_steps=10,
