@@ -15,13 +15,23 @@ POLICY_COLORS = {
 }
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(plt, fig, out: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close `fig`; returns the path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
 
 
 def _load(point: dict) -> float:
@@ -34,7 +44,7 @@ def plot_sweep(result: dict, out: str | Path) -> Path:
 
     `result` is the sweep JSON: {"sweep": [{"offered_rps", "time_scale", "policies": {...}}]}.
     """
-    plt = _pyplot()
+    plt = pyplot()
     points = sorted(result["sweep"], key=_load)
     policies = list(dict.fromkeys(name for p in points for name in p["policies"]))
     fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -63,17 +73,12 @@ def plot_sweep(result: dict, out: str | Path) -> Path:
         f"{result.get('baseline_tpot_ms', float('nan')):.1f} ms",
         fontsize=10,
     )
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(plt, fig, out)
 
 
 def plot_run(result: dict, out: str | Path) -> Path:
     """One load point: attainment per category (grouped bars) and goodput per policy."""
-    plt = _pyplot()
+    plt = pyplot()
     pols = {k: v for k, v in result["policies"].items() if "error" not in v}
     names = list(pols)
     cats = [c for c in CATEGORY_ORDER if any(c in p["per_category"] for p in pols.values())]
@@ -95,9 +100,4 @@ def plot_run(result: dict, out: str | Path) -> Path:
     ax_g.bar(names, [pols[n]["goodput_tokens_per_s"] for n in names])
     ax_g.set_ylabel("goodput (tokens/s)")
     ax_g.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(plt, fig, out)

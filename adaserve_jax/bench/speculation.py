@@ -146,11 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot(result: dict, policies: list[str], path: str) -> None:
-    import matplotlib
+    from adaserve_jax.bench.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     ts = sorted(result["verify_ms"])
     ax0.plot(ts, [result["verify_ms"][t] for t in ts], "o-", label="verify step L(T)")
@@ -170,9 +168,7 @@ def plot(result: dict, policies: list[str], path: str) -> None:
     ax1.set_xticks(x + width * (len(batches) - 1) / 2, policies, rotation=30)
     ax1.set(ylabel="decoding tokens/s vs autoregressive", title="greedy decoding speed (1 / TPOT)")
     ax1.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(plt, fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adaserve_jax.bench.plots import pyplot, save_figure
+
 STYLE = {
     "autoregressive": ("tab:gray", "o"),
     "sarathi": ("tab:brown", "s"),
@@ -15,11 +17,7 @@ OTHER = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:cyan", "tab:o
 def plot_load_sweep(result: dict, out: str | Path, title: str | None = None) -> Path:
     """Attainment and goodput vs offered load (one line per policy), then attainment per SLO
     category (coding, chat) vs load: the AdaServe paper's Figures 8 and 9 layout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = sorted(result["sweep"], key=lambda p: p["offered_rps"] or 0.0)
     policies = list(dict.fromkeys(n for p in points for n in p["policies"]))
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
@@ -50,9 +48,4 @@ def plot_load_sweep(result: dict, out: str | Path, title: str | None = None) -> 
         f"{st.get('token_budget')}, baseline TPOT {result['baseline_tpot_ms']:g} ms",
         fontsize=10,
     )
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(plt, fig, out, dpi=110)
