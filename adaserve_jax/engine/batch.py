@@ -67,8 +67,19 @@ class Segment:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def is_chain(self) -> bool:
+        """Node i's parent is i - 1 (a prefill chunk, a decode token, a drafted chain)."""
+        n = len(self)
+        return (
+            n == 1
+            and int(self.parents[0]) == -1
+            or np.array_equal(self.parents, np.arange(-1, n - 1))
+        )
+
     def depths(self) -> np.ndarray:
         """i32[n] depth of every node (roots 0)."""
+        if self.is_chain():
+            return np.arange(len(self), dtype=np.int32)
         depth = np.zeros(len(self), np.int32)
         for i, p in enumerate(self.parents):
             depth[i] = 0 if p < 0 else depth[p] + 1
@@ -77,7 +88,7 @@ class Segment:
     def ancestor_mask(self) -> np.ndarray:
         """bool[n, n]: mask[i, j] = j is i or an ancestor of i."""
         n = len(self)
-        if n and np.array_equal(self.parents, np.arange(-1, n - 1)):
+        if n and self.is_chain():
             return np.tril(np.ones((n, n), bool))
         mask = np.eye(n, dtype=bool)
         for i, p in enumerate(self.parents):
@@ -104,6 +115,39 @@ class Segment:
             )
         if np.any(self.tokens < 0) or np.any(self.tokens >= vocab_size):
             raise ValueError(f"token ids must be in [0, {vocab_size})")
+
+
+def validate_segments(
+    segments: Sequence[Segment], vocab_size: int, num_slots: int, max_len: int
+) -> None:
+    """`Segment.validate` for a whole batch at once (vectorized); on any violation the
+    per-segment check runs to raise its message naming the segment's problem."""
+    if not segments:
+        return
+    try:
+        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
+        slots = np.fromiter((s.slot for s in segments), np.int64, len(segments))
+        ctx = np.fromiter((s.ctx_len for s in segments), np.int64, len(segments))
+        tokens = np.concatenate([s.tokens for s in segments])
+        parents = np.concatenate([s.parents for s in segments])
+        ok = (
+            lens.min() > 0
+            and all(s.parents.shape == s.tokens.shape for s in segments)
+            and slots.min() >= 0
+            and slots.max() < num_slots
+            and ctx.min() >= 0
+            and (ctx + lens).max() <= max_len
+            and tokens.min() >= 0
+            and tokens.max() < vocab_size
+        )
+        if ok:
+            local = np.arange(len(tokens)) - np.repeat(np.cumsum(lens) - lens, lens)
+            ok = bool(np.all((parents >= -1) & (parents < local)))
+    except (ValueError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        for seg in segments:
+            seg.validate(vocab_size, num_slots, max_len)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,24 +208,35 @@ class FlatBatch:
             "move_src": np.zeros(max_moves, np.int32),
             "move_dst": np.zeros(max_moves, np.int32),
         }
-        offsets = []
-        o = 0
-        for s in segments:
-            n = len(s)
-            offsets.append(o)
-            sl = slice(o, o + n)
-            a["tokens"][sl] = s.tokens
-            a["slot"][sl] = s.slot
-            a["position"][sl] = s.ctx_len + s.depths()
-            a["cache_index"][sl] = s.ctx_len + np.arange(n)
-            a["ctx_len"][sl] = s.ctx_len
-            a["tree_mask"][sl, sl] = s.ancestor_mask()
-            sp = s.sampling
-            a["temperature"][sl] = sp.temperature
-            a["top_k"][sl] = sp.top_k
-            a["top_p"][sl] = sp.top_p
-            a["seed"][sl] = sp.seed
-            o += n
+        offsets: tuple[int, ...] = ()
+        if segments:
+            lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
+            starts = np.cumsum(lens) - lens
+            offsets = tuple(int(o) for o in starts)
+            seg_of = np.repeat(np.arange(len(segments)), lens)  # segment of each token
+            local = np.arange(total) - starts[seg_of]  # node index within its segment
+            ctx_len = np.fromiter((s.ctx_len for s in segments), np.int64, len(segments))[seg_of]
+            depth = local.copy()  # chains; trees below
+            mask = (seg_of[:, None] == seg_of[None, :]) & (local[None, :] <= local[:, None])
+            for s, o in zip(segments, offsets, strict=True):
+                if not s.is_chain():
+                    sl = slice(o, o + len(s))
+                    depth[sl] = s.depths()
+                    mask[sl, sl] = s.ancestor_mask()
+            a["tokens"][:total] = np.concatenate([s.tokens for s in segments])
+            a["slot"][:total] = np.fromiter((s.slot for s in segments), np.int32)[seg_of]
+            a["position"][:total] = ctx_len + depth
+            a["cache_index"][:total] = ctx_len + local
+            a["ctx_len"][:total] = ctx_len
+            a["tree_mask"][:total, :total] = mask
+            for key, field in (
+                ("temperature", "temperature"),
+                ("top_k", "top_k"),
+                ("top_p", "top_p"),
+                ("seed", "seed"),
+            ):
+                values = [getattr(s.sampling, field) for s in segments]
+                a[key][:total] = np.asarray(values, a[key].dtype)[seg_of]
         for i, m in enumerate(moves):
             a["move_slot"][i], a["move_src"][i], a["move_dst"][i] = m.slot, m.src, m.dst
         return cls(a, total, ctx, tuple(offsets))

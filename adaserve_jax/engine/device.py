@@ -16,7 +16,7 @@ from functools import partial
 import jax
 import numpy as np
 
-from adaserve_jax.engine.batch import FlatBatch, Move, Segment
+from adaserve_jax.engine.batch import FlatBatch, Move, Segment, validate_segments
 from adaserve_jax.engine.mesh import place_batch, place_caches, place_params, shard_attention
 from adaserve_jax.engine.mesh import validate_model as validate_mesh
 from adaserve_jax.model.loader import Model
@@ -114,8 +114,7 @@ class DeviceModel:
         return seconds
 
     def build(self, segments: Sequence[Segment], moves: Sequence[Move] = ()) -> FlatBatch:
-        for s in segments:
-            s.validate(self.config.vocab_size, self.num_slots, self.max_len)
+        validate_segments(segments, self.config.vocab_size, self.num_slots, self.max_len)
         for m in moves:
             if not (0 <= m.slot < self.num_slots and 0 <= m.dst <= m.src < self.max_len):
                 raise ValueError(f"invalid KV move {m}")

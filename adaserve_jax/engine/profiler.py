@@ -115,7 +115,7 @@ def measure_profile(
     if draft is not None:
         draft_ms = {}
         for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
-            draft_ms[t] = _median_ms(draft, t, context, "topk", repeats)
+            draft_ms[t] = _median_ms(draft, t, context, "topk_last", repeats)
     _monotone(verify)
     if draft_ms:
         _monotone(draft_ms)

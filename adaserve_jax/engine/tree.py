@@ -35,12 +35,18 @@ class TreeShape:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DraftTrees:
-    """Candidate trees for all slots: tokens/parents i32[S, N], log_f f32[S, N], depth i32[S, N]."""
+    """Candidate trees for all slots: tokens/parents i32[S, N], log_f f32[S, N], depth i32[S, N].
+
+    in_cache bool[S, N] (optional): nodes whose draft K/V the draft cache already holds at
+    the row they take if accepted (`ctx + depth`), so the draft's catch-up may skip an
+    accepted path's leading run of them. None: every accepted token is caught up.
+    """
 
     tokens: np.ndarray
     parents: np.ndarray
     log_f: np.ndarray
     depth: np.ndarray
+    in_cache: np.ndarray | None = None
 
 
 def tree_depths(parents: np.ndarray) -> np.ndarray:

@@ -141,7 +141,10 @@ class Transformer(nn.Module):
         positions: jax.Array,
         attention_fn: Callable = causal_attention,
         caches: Any = None,
+        logits_at: jax.Array | None = None,
     ):
+        """`logits_at` i32[B, R] (optional): compute the logits only at these token indices
+        (returns f32[B, R, V]); every token still runs through the layers (K/V, caches)."""
         cfg = self.cfg
         embed = self.param(
             "embed_tokens", nn.initializers.normal(stddev=0.02), (cfg.vocab_size, cfg.hidden_size)
@@ -155,6 +158,8 @@ class Transformer(nn.Module):
                 x, cos, sin, attention_fn, layer_cache
             )
             new_caches.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed)

@@ -130,6 +130,10 @@ class Scheduler:
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
+        # slot -> bool per verified node: the draft already cached its K/V (steps/expand.py);
+        # `reuse_draft_kv=False` ignores it and catches every accepted token up (for tests)
+        self._in_draft_cache: dict[int, np.ndarray] = {}
+        self.reuse_draft_kv = True
         # adaserve: after a roots-only budget choice the next iterations skip the draft model
         # entirely (plain decoding, no drafting cost); after `_explore_gap` such iterations
         # (or sooner, when the draft's catch-up would grow past half the budget) one
@@ -298,7 +302,7 @@ class Scheduler:
         s = self.engine.num_slots
         root_vals = np.zeros((s, vals.shape[1]), np.float32)
         root_toks = np.zeros((s, vals.shape[1]), np.int32)
-        root_pos = np.zeros(s, np.int32)
+        root_pos = np.full(s, -1, np.int32)  # -1: slot not decoding
         for r, seg, off in zip(decode, draft_segs, offsets, strict=False):
             last = off + len(seg) - 1
             root_vals[r.slot], root_toks[r.slot], root_pos[r.slot] = vals[last], idx[last], r.cached
@@ -330,6 +334,8 @@ class Scheduler:
                 np.int32
             )
             segs.append(Segment(r.slot, r.cached, tokens, parents, r.request.sampling))
+            if trees.in_cache is not None and self.reuse_draft_kv:  # node i's K/V is cached
+                self._in_draft_cache[r.slot] = trees.in_cache[row, sel]
             if adaserve:  # what the calibrator needs to learn from this tree's verification
                 self._sel_log_f[r.slot] = (
                     trees.log_f[row, sel],
@@ -406,6 +412,14 @@ class Scheduler:
             if node != i:
                 self._moves.append(Move(r.slot, base + node, base + i))
         r.cached += 1 + len(path)
+        in_cache = self._in_draft_cache.pop(r.slot, None)
+        if in_cache is not None and r.draft_cached == base + 1:
+            # the draft holds the K/V of the accepted path's leading in-cache nodes at their
+            # committed rows already: its next catch-up starts after them
+            for node in path:
+                if not in_cache[node]:
+                    break
+                r.draft_cached += 1
         picked = self._sel_log_f.pop(r.slot, None)
         if picked is not None and len(picked[0]) > 1:
             self.calibrator.observe_tree(seg.parents, picked[0], path, picked[1], picked[2])

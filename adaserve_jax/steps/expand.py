@@ -5,8 +5,14 @@ The roots' top-k children come from a normal flat step on the draft (head
 cache. This call then grows every request's tree breadth-first: at each depth
 it keeps the top-`w` candidates by path log-probability `log f` as the frontier,
 runs the draft on them, and adds each frontier node's top-`k` children as the
-next depth's candidates. Tree nodes' K/V live in a per-call buffer, never in
-the draft cache, so rejected speculation never needs cleaning up.
+next depth's candidates. Tree nodes' K/V live in a per-call buffer; in addition
+the best frontier node of each depth j (the top-1 by log f) is written to the
+draft cache at row `root_pos + j`, the row it takes if the target accepts the
+path through it. The call reports those nodes (`in_cache`), so after
+verification the host can skip the draft's catch-up for an accepted prefix of
+them. Rows past the committed context are never attended to, so a rejected
+node's row is simply overwritten later. Rows with `root_pos < 0` (slots not
+decoding) write nothing.
 
 Tree layout per request (N = 1 + k + (d - 1) * w * k nodes):
     node 0            the root (its token is filled in by the host)
@@ -80,18 +86,23 @@ def _kernel_expansion_attention(
 
 def build_expand(cfg: ModelConfig, attention=None):
     """expand(params, caches, root_vals f32[R,k], root_toks i32[R,k], slot i32[R],
-    root_pos i32[R], *, depth, width, attended_len) -> (tokens, parents, log_f) [R, N].
+    root_pos i32[R], *, depth, width, attended_len)
+    -> ((tokens, parents, log_f, in_cache) [R, N], caches); caches are donated.
 
     attention: None for the fused einsum attention (the XLA path), or a tree-attention
     function with the flat kernel contract (`pallas_kernels.tree_attention`), e.g. the Pallas
     kernel, which then computes every expansion step's attention too."""
     model = Transformer(cfg)
 
-    @functools.partial(jax.jit, static_argnames=("depth", "width", "attended_len"))
+    @functools.partial(
+        jax.jit, static_argnames=("depth", "width", "attended_len"), donate_argnums=(1,)
+    )
     def expand(params, caches, root_vals, root_toks, slot, root_pos, *, depth, width, attended_len):
         r, k = root_vals.shape
         s_count = caches[0][0].shape[0]
         slot = jnp.clip(slot, 0, s_count - 1)
+        write_slot = jnp.where(root_pos >= 0, slot, s_count)  # out of range: dropped
+        root_pos = jnp.maximum(root_pos, 0)
         nbuf = max((depth - 1) * width, 1)
         buf_shape = (r, nbuf, cfg.num_kv_heads, cfg.head_dim)
         bufs = [(jnp.zeros(buf_shape), jnp.zeros(buf_shape)) for _ in range(cfg.num_layers)]
@@ -101,6 +112,7 @@ def build_expand(cfg: ModelConfig, attention=None):
         tokens = [jnp.zeros((r, 1), jnp.int32), root_toks]
         parents = [jnp.full((r, 1), -1, jnp.int32), jnp.zeros((r, k), jnp.int32)]
         log_f = [jnp.zeros((r, 1), jnp.float32), root_vals]
+        in_cache = jnp.zeros((r, 1 + k + (depth - 1) * width * k), bool)
         cand_tok, cand_logf = root_toks, root_vals  # [R, C]
         cand_node = 1 + jnp.broadcast_to(jnp.arange(k), (r, k))  # tree index of each candidate
         cand_parent_slot = jnp.full((r, k), -1)  # frontier slot (in the buffer) of the parent
@@ -120,7 +132,7 @@ def build_expand(cfg: ModelConfig, attention=None):
             )
             anc = parent_anc | own[None]
 
-            def attention_fn(layer, q, kk, vv, cache, base=base, anc=anc):
+            def attention_fn(layer, q, kk, vv, cache, base=base, anc=anc, j=j):
                 kc, vc, kb, vb = cache
                 kb = jax.lax.dynamic_update_slice_in_dim(kb, kk, base, axis=1)
                 vb = jax.lax.dynamic_update_slice_in_dim(vb, vv, base, axis=1)
@@ -142,6 +154,7 @@ def build_expand(cfg: ModelConfig, attention=None):
                 {"params": params}, f_tok, positions, attention_fn, layer_caches
             )
             bufs = [(c[2], c[3]) for c in new]
+            in_cache = in_cache.at[jnp.arange(r), f_node[:, 0]].set(True)
             logp = jax.nn.log_softmax(logits, axis=-1)  # [R, W, V]
             vals, idx = jax.lax.top_k(logp, k)  # [R, W, k]
             child_logf = (f_logf[..., None] + vals).reshape(r, width * k)
@@ -153,10 +166,25 @@ def build_expand(cfg: ModelConfig, attention=None):
             cand_node = next_index + jnp.broadcast_to(jnp.arange(width * k), (r, width * k))
             cand_parent_slot = jnp.repeat(base + jnp.arange(width), k)[None].repeat(r, 0)
             next_index += width * k
-        return (
+        # each depth's best frontier node (buffer column (j - 1) * width) to the draft cache
+        # at row root_pos + j, the row it takes if accepted; one scatter per layer, after every
+        # read of the cache (the attention above reads rows < ctx_len only)
+        cols = jnp.arange(depth - 1) * width
+        rows_at = root_pos[:, None] + 1 + jnp.arange(depth - 1)[None, :]  # [R, d - 1]
+        slot_at = jnp.broadcast_to(write_slot[:, None], rows_at.shape)
+        caches = [
+            (
+                kc.at[slot_at, rows_at].set(kb[:, cols], mode="drop"),
+                vc.at[slot_at, rows_at].set(vb[:, cols], mode="drop"),
+            )
+            for (kc, vc), (kb, vb) in zip(caches, bufs, strict=True)
+        ]
+        trees = (
             jnp.concatenate(tokens, axis=1),
             jnp.concatenate(parents, axis=1),
             jnp.concatenate(log_f, axis=1),
+            in_cache,
         )
+        return trees, caches
 
     return expand

@@ -5,7 +5,10 @@ Inputs (all padded to a token bucket T; padding tokens have slot -1):
     tree_mask bool[T,T]                                   (see engine/batch.py)
     move_slot/move_src/move_dst i32[M]                    KV compaction, applied first
     temperature f32[T], top_k i32[T], top_p f32[T], seed u32[T]   (sampling head only)
-Static: the head ("sample" | "logits" | "topk"), attended_len (a context bucket).
+Static: the head ("sample" | "logits" | "topk" | "topk_last"), attended_len (a context bucket).
+"topk_last" computes the logits only at each slot's last token of the batch and returns
+top-k (log-probs f32[S,k], tokens i32[S,k]) per slot (zeros for slots not in the batch):
+what the draft needs from its catch-up step, without the LM head over every token.
 
 KV caches are a per-layer list of (k, v) f32[S, L, KVH, D] and are donated: the
 step writes this batch's K/V rows in place and returns the new caches.
@@ -25,7 +28,7 @@ from adaserve_jax.model.llama import Transformer
 from adaserve_jax.steps.sampling import sample_tokens
 
 Caches = list[tuple[jax.Array, jax.Array]]
-HEADS = ("sample", "logits", "topk")
+HEADS = ("sample", "logits", "topk", "topk_last")
 
 
 def init_caches(cfg: ModelConfig, num_slots: int, max_len: int) -> Caches:
@@ -75,14 +78,24 @@ def build_step(cfg: ModelConfig, attention: Callable, topk: int = 8) -> Callable
             )
             return out[None], (kc, vc)
 
+        logits_at = None
+        if head == "topk_last":  # each slot's last (highest-index) token in the batch
+            t = slot.shape[0]
+            last = (
+                jnp.full((s_count,), -1, jnp.int32)
+                .at[write_slot]
+                .max(jnp.arange(t, dtype=jnp.int32), mode="drop")
+            )
+            logits_at = jnp.maximum(last, 0)[None]
         logits, caches = model.apply(
             {"params": params},
             batch["tokens"][None],
             batch["position"][None],
             attention_fn,
             caches,
+            logits_at,
         )
-        logits = logits[0]  # [T, V]
+        logits = logits[0]  # [T, V] ([S, V] for topk_last)
         if head == "logits":
             out = logits
         elif head == "sample":
@@ -94,8 +107,11 @@ def build_step(cfg: ModelConfig, attention: Callable, topk: int = 8) -> Callable
                 batch["top_p"],
                 batch["seed"],
             )
-        elif head == "topk":
+        elif head in ("topk", "topk_last"):
             vals, idx = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+            if head == "topk_last":
+                present = (last >= 0)[:, None]
+                vals, idx = jnp.where(present, vals, 0.0), jnp.where(present, idx, 0)
             out = (vals, idx.astype(jnp.int32))
         else:
             raise ValueError(f"{head=} must be one of {HEADS}")

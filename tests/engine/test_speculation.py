@@ -118,3 +118,65 @@ def test_bad_trees_rejected_before_device_work(tiny_engine):
         with pytest.raises(ValueError, match=match):
             tiny_engine.forward([seg])
     assert tiny_engine.compile_count() == before
+
+
+@pytest.mark.parametrize("policy", ["spec:3", "tree:3,2"])
+def test_draft_kv_reuse_drafts_the_same_trees(spec_engines, policy):
+    """Accepted nodes whose K/V the expansion already wrote to the draft cache skip the draft's
+    catch-up; the draft must then propose exactly the trees it proposes when every accepted
+    token is caught up (a wrong row, position or slot changes its later trees)."""
+    from adaserve_jax.scheduler.loop import Scheduler
+
+    engine = spec_engines["self"]  # the draft agrees with the target: long accepted paths
+
+    def run(reuse: bool):
+        trees, catch_up = [], []
+        expand, draft_step = engine.expand, engine.draft_step
+
+        def spy_expand(root_vals, root_toks, root_pos, shape):
+            out = expand(root_vals, root_toks, root_pos, shape)
+            live = root_pos >= 0
+            trees.append((out.tokens[live], out.log_f[live]))
+            return out
+
+        def spy_step(segments):
+            catch_up.append(sum(len(s) for s in segments))
+            return draft_step(segments)
+
+        engine.expand, engine.draft_step = spy_expand, spy_step
+        try:
+            sched = Scheduler(engine, policy=policy, token_budget=engine.token_budget)
+            sched.reuse_draft_kv = reuse
+            states = [sched.submit(engine.make_request(p, max_tokens=24)) for p in PROMPTS[:3]]
+            sched.run_until_done()
+        finally:
+            del engine.expand, engine.draft_step
+        return [list(s.output) for s in states], trees, catch_up
+
+    out_on, trees_on, fed_on = run(True)
+    out_off, trees_off, fed_off = run(False)
+    assert out_on == out_off
+    assert len(trees_on) == len(trees_off) > 0
+    for (tok_a, f_a), (tok_b, f_b) in zip(trees_on, trees_off, strict=True):
+        np.testing.assert_array_equal(tok_a, tok_b)
+        np.testing.assert_allclose(f_a, f_b, atol=1e-4)
+    assert sum(fed_on) < sum(fed_off)  # the reuse did skip catch-up tokens
+
+
+def test_topk_last_head_matches_topk_at_each_slots_last_token(tiny_model):
+    """The draft's catch-up head: the LM head only at each slot's last token of the batch."""
+    from adaserve_jax.engine.device import DeviceModel
+
+    dev = DeviceModel(
+        tiny_model, num_slots=4, max_len=256, heads=("topk", "topk_last"), **TINY_BUCKETS
+    )
+    segs = [Segment.chain(2, 0, [5, 6, 7]), Segment.chain(0, 0, [9]), Segment.chain(3, 0, [1, 2])]
+    (vals, idx), batch = dev.run(segs, head="topk")
+    dev2 = DeviceModel(
+        tiny_model, num_slots=4, max_len=256, heads=("topk", "topk_last"), **TINY_BUCKETS
+    )
+    last_vals, last_idx = (np.asarray(x) for x in dev2._call(dev2.build(segs), "topk_last"))
+    for seg, off in zip(segs, batch.offsets, strict=True):
+        np.testing.assert_allclose(last_vals[seg.slot], vals[off + len(seg) - 1], atol=1e-5)
+        np.testing.assert_array_equal(last_idx[seg.slot], idx[off + len(seg) - 1])
+    assert not last_vals[1].any() and not last_idx[1].any()  # slot 1 had no tokens

@@ -247,6 +247,21 @@ def test_reference_matches_numpy_loop(name):
     assert_close(want, numpy_tree_attention(batch), batch.slot >= 0, atol=2e-5)
 
 
+@pytest.mark.parametrize("dense_rows", [0, 10**9], ids=["scan", "dense"])
+@pytest.mark.parametrize("name", ["mixed-g1-d64", "gqa3-target", "interleaved-g2"])
+def test_reference_committed_paths_agree(name, dense_rows):
+    """Both ways of computing the committed part (the chunked scan and the one-shot dense
+    gather) give the numpy loop's answer, whichever the default picks for the shape."""
+    batch, _, _ = case(name)
+    fn = jax.jit(
+        functools.partial(
+            tree_attention_reference, attended_len=batch.attended_len, dense_rows=dense_rows
+        ),
+        compiler_options=FAST_COMPILE,
+    )
+    assert_close(fn(*batch.args()), numpy_tree_attention(batch), batch.slot >= 0, atol=2e-5)
+
+
 @pytest.mark.parametrize("block_q, chunk", [(1, 16), (32, 40)])
 def test_reference_block_sizes_only_change_speed(block_q, chunk):
     """Items of one token or of 32, and a chunk (40) that does not divide attended_len (64):
