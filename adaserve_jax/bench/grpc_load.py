@@ -219,7 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--category", default="summarization")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument(
-        "--stream-interval-ms", type=float, default=20.0, help="serve.py's message interval"
+        "--stream-interval-ms",
+        type=float,
+        default=50.0,
+        help="serve.py's message interval (each message costs the server CPU wake-ups)",
     )
     p.add_argument("--token-buckets", default="1,4,16,64")
     p.add_argument("--ctx-buckets", default="64,256")

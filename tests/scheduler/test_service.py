@@ -6,7 +6,7 @@ import threading
 import time
 
 from adaserve_jax.scheduler.request import Request
-from adaserve_jax.scheduler.service import _DONE, RequestHandle
+from adaserve_jax.scheduler.service import RequestHandle
 
 
 def _produce(handle: RequestHandle, n: int, gap_s: float) -> threading.Thread:
@@ -14,7 +14,7 @@ def _produce(handle: RequestHandle, n: int, gap_s: float) -> threading.Thread:
         for i in range(n):
             handle._events.put([i])
             time.sleep(gap_s)
-        handle._events.put(_DONE)
+        handle._events.close()
 
     t = threading.Thread(target=run)
     t.start()
@@ -37,5 +37,5 @@ def test_iterating_a_handle_merges_what_queued_meanwhile():
     handle = RequestHandle(None, Request("r", (1,), 3))
     for i in range(3):
         handle._events.put([i])
-    handle._events.put(_DONE)
+    handle._events.close()
     assert list(handle) == [[0, 1, 2]]
