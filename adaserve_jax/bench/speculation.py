@@ -68,6 +68,16 @@ def run_policy(engine, prompts, policy, max_tokens):
     }
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """Per-key median over the repeats (None stays None); `runs` keeps every repeat's row."""
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        out[key] = None if None in vals else float(np.median(vals))
+    out["runs"] = rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from adaserve_jax import Engine, load_model
     from adaserve_jax.bench.step_latency import measure_bandwidth_gbs
@@ -83,9 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-prompt-len", type=int, default=160, help="keep the prompt's tail")
     ap.add_argument("--max-len", type=int, default=256, help="KV rows per slot")
     ap.add_argument("--token-buckets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds over all policies; medians"
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     policies = args.policy or list(DEFAULT_POLICIES)
 
     target, draft = load_model(args.target), load_model(args.draft)
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         "draft": args.draft,
         "max_tokens": args.max_tokens,
         "max_prompt_len": args.max_prompt_len,
+        "repeats": args.repeats,
         "bandwidth_gbs": bw,
         "verify_ms": prof.verify_ms,
         "draft_ms": prof.draft_ms,
@@ -118,18 +134,25 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for batch in args.batches:
         prompts = prompts_all[:batch]
-        rows, ref = {}, None
+        runs: dict[str, list[dict]] = {p: [] for p in policies}
+        ref, same = None, {p: True for p in policies}
+        for _ in range(args.repeats):  # rounds over all policies: slow phases of a shared
+            for policy in policies:  # machine hit every policy alike
+                outs, row = run_policy(engine, prompts, policy, args.max_tokens)
+                ids = [o.token_ids for o in outs]
+                ref = ids if ref is None else ref
+                same[policy] &= ids == ref
+                runs[policy].append(row)
+        rows = {}
         for policy in policies:
-            outs, row = run_policy(engine, prompts, policy, args.max_tokens)
-            ids = [o.token_ids for o in outs]
-            ref = ids if ref is None else ref
-            row["same_tokens_as_first_policy"] = ids == ref
+            row = _median_row(runs[policy])
+            row["same_tokens_as_first_policy"] = ids_same = same[policy]
             rows[policy] = row
             print(
                 f"batch {batch:>2} {policy:<15} {row['tokens_per_s']:7.1f} tok/s end-to-end  "
                 f"{row['decode_tokens_per_s'] or 0:7.1f} tok/s decoding (TPOT "
                 f"{row['mean_tpot_ms'] or 0:.2f} ms)  accepted/step "
-                f"{row['mean_accepted_per_step']:.2f}  same={ids == ref}"
+                f"{row['mean_accepted_per_step']:.2f}  same={ids_same}"
             )
         base = rows[policies[0]]
         for row in rows.values():
