@@ -26,6 +26,9 @@ CLI:
     python -m adaserve_jax.train --preset target          # -> checkpoints/target
     python -m adaserve_jax.train --preset draft           # distils from checkpoints/target
     python -m adaserve_jax.train --evaluate               # -> checkpoints/eval.json
+    python -m adaserve_jax.train --preset target --init-from checkpoints/target \
+        --run-dir runs/target_cont --out runs/target_cont/export --seed 1 --steps N
+                                                          # continued training (new schedule)
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class TrainConfig:
     distill_alpha: float = 0.0
     teacher_dir: str | None = None
     embed_from_teacher: bool = False
+    init_from: str | None = None  # warm start: a model dir (exported) of the same shape
     run_dir: str = "runs/target"
     export_dir: str | None = "checkpoints/target"
 
@@ -334,6 +338,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: TokenData, *, progress: bool 
     params = _init_params(cfg, tc.seed)
     if teacher_params is not None and tc.embed_from_teacher:
         params = embed_init_from_teacher(params, teacher_params)
+    if tc.init_from:  # continued training: the params of a finished run, a fresh optimizer
+        warm_cfg, warm_params = load_model_dir(tc.init_from)
+        if warm_cfg != cfg:
+            raise ValueError(
+                f"--init-from {tc.init_from}: its model config differs from the preset's "
+                f"({warm_cfg} vs {cfg})"
+            )
+        params = jax.tree.map(jnp.asarray, warm_params)
     state = {"params": params, "opt_state": opt.init(params)}
     mgr = open_manager(run_dir, tc)
     start = 0
@@ -416,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--teacher-dir")
     ap.add_argument("--embed-from-teacher", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument(
+        "--init-from", help="start from this model dir's params (continued training; new run dir)"
+    )
     ap.add_argument("--run-dir")
     ap.add_argument("--out", dest="export_dir", help="model directory to export to")
     ap.add_argument("--no-progress", action="store_true")

@@ -145,3 +145,21 @@ def test_embedding_init_from_teacher_keeps_token_geometry():
     centred = low_rank - low_rank.mean(axis=0)
     gram_t, gram_s = centred @ centred.T, (e_s - e_s.mean(axis=0)) @ (e_s - e_s.mean(axis=0)).T
     np.testing.assert_allclose(gram_s / gram_s.max(), gram_t / gram_t.max(), atol=1e-4)
+
+
+def test_init_from_warm_starts_from_a_finished_run(tmp_path):
+    data = _data()
+    first = tr.train(CFG, _tc(tmp_path / "a", steps=3, lr=1e-2), data, progress=False)
+    # one step at a tiny learning rate: the params stay next to the warm start, far from a
+    # fresh random init
+    tc = _tc(tmp_path / "b", steps=1, warmup_steps=0, lr=1e-7, init_from=str(tmp_path / "a/export"))
+    cont = tr.train(CFG, tc, data, progress=False)
+    for x, y in zip(_leaves(first), _leaves(cont), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    fresh_tc = dataclasses.replace(tc, init_from=None, run_dir=str(tmp_path / "c"))
+    fresh = tr.train(CFG, fresh_tc, data, progress=False)
+    pairs = zip(_leaves(first), _leaves(fresh), strict=True)
+    assert max(float(np.abs(x - y).max()) for x, y in pairs) > 1e-3  # >> the 1e-5 above
+    other = dataclasses.replace(CFG, hidden_size=48, head_dim=12)
+    with pytest.raises(ValueError, match="init-from"):
+        tr.train(other, dataclasses.replace(tc, run_dir=str(tmp_path / "d")), data, progress=False)
