@@ -80,3 +80,31 @@ def accept_path(
             return path, emitted
         path.append(nxt)
         node = nxt
+
+
+def accept_paths(
+    parents: np.ndarray, tokens: np.ndarray, target_tokens: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    """`accept_path` for many trees at once (numpy, one pass per tree level).
+
+    parents/tokens/target_tokens i32[R, n] (row r's nodes [0, lengths[r]); the rest padding;
+    parents[r, i] < i, root -1). Returns bool[R, n]: the accepted nodes, root included. A
+    node is accepted when its parent is and its token is the target's token at the parent;
+    siblings hold distinct tokens (top-k children), so the accepted nodes form one path, and
+    with parents before children its nodes are in increasing index order.
+    """
+    r, n = parents.shape
+    valid = np.arange(n)[None, :] < np.asarray(lengths)[:, None]
+    par = np.maximum(parents, 0)
+    rows = np.arange(r)[:, None]
+    match = valid & (tokens == target_tokens[rows, par])
+    match[:, 0] = True
+    acc = np.zeros((r, n), bool)
+    acc[:, 0] = True
+    for _ in range(n - 1):  # each pass extends every path by one level
+        nxt = match & acc[rows, par]
+        nxt[:, 0] = True
+        if np.array_equal(nxt, acc):
+            break
+        acc = nxt
+    return acc

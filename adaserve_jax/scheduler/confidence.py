@@ -187,6 +187,17 @@ class AcceptanceCalibrator:
             (log_q, np.asarray(depth)[1:][live], np.asarray(rank)[1:][live], on_path[1:][live])
         )
 
+    def observe_edges(
+        self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray, accepted: np.ndarray
+    ) -> None:
+        """Queues verified edges out of accepted nodes directly (many trees at once): the child's
+        raw log q, depth, sibling rank and whether it was accepted. `flush` adds them."""
+        if len(log_q):
+            self._pending.append(
+                (np.asarray(log_q, np.float64), np.asarray(depth), np.asarray(rank),
+                 np.asarray(accepted, bool))
+            )  # fmt: skip
+
     def flush(self) -> None:
         """Adds the trees queued since the last flush as one `observe` call."""
         if self._pending:

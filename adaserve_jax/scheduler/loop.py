@@ -30,7 +30,7 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Move, Segment
 from adaserve_jax.engine.kv_alloc import SlotAllocator
-from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_path
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_paths
 from adaserve_jax.scheduler.budget import (
     LatencyProfile,
     choose_budget_from_trees,
@@ -226,10 +226,10 @@ class Scheduler:
         sampled, offsets = self.engine.forward(decode_segs + prefill_segs, moves)
         now = self.clock()
         accepted = 0
-        for r, seg, off in zip(decode, decode_segs, offsets, strict=False):
-            if spec:
-                accepted += self._commit_tree(r, seg, sampled[off : off + len(seg)], now)
-            else:
+        if spec and decode:
+            accepted = self._commit_trees(decode, decode_segs, sampled, offsets, now)
+        else:
+            for r, off in zip(decode, offsets, strict=False):
                 r.cached += 1
                 self._emit(r, [int(sampled[off])], now)
         for (r, n), off in zip(prefill, offsets[len(decode) :], strict=True):
@@ -295,7 +295,7 @@ class Scheduler:
         """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments."""
         shape = self.policy.shape
         draft_segs = [
-            Segment.chain(r.slot, r.draft_cached, r.all_tokens()[r.draft_cached : r.cached + 1])
+            Segment.chain(r.slot, r.draft_cached, r.tokens_between(r.draft_cached, r.cached + 1))
             for r in decode
         ]
         vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
@@ -319,31 +319,44 @@ class Scheduler:
             # a fixed tree per request, trimmed evenly when they do not all fit the step
             share = max(1, (self.token_budget - self._prefill_tokens) // len(decode))
             selections = [fixed_selection(trees, r.slot, shape)[:share] for r in decode]
+        # never verify past the slot's rows or past the tokens the request still wants;
+        # selections are sorted by node index, so a prefix is still a connected tree
+        sels = [
+            sel[: max(1, min(self.engine.max_len - r.cached, r.request.max_tokens - len(r.output)))]
+            for r, sel in zip(decode, selections, strict=True)
+        ]
+        # every request's selected subtree at once: gather, renumber parents, then split
+        lens = np.fromiter((len(x) for x in sels), np.int64, len(sels))
+        rows = np.fromiter((r.slot for r in decode), np.int64, len(decode))
+        row_of = np.repeat(rows, lens)
+        nodes = np.concatenate(sels).astype(np.int64)
+        starts = np.cumsum(lens) - lens
+        local = np.arange(len(nodes)) - np.repeat(starts, lens)
+        pos = np.full(trees.parents.shape, -1, np.int64)
+        pos[row_of, nodes] = local
+        parents = pos[row_of, np.maximum(trees.parents[row_of, nodes], 0)].astype(np.int32)
+        tokens = trees.tokens[row_of, nodes].astype(np.int32)
+        parents[starts] = -1  # node 0 of every selection is its root,
+        tokens[starts] = [r.pending_token for r in decode]  # holding the pending token
+        bounds = np.append(starts, len(nodes)).tolist()
+        if adaserve:  # what the calibrator needs to learn from the verification
+            log_f = trees.log_f[row_of, nodes]
+            depth = trees.depth[row_of, nodes]
+            rank = self._rank[row_of, nodes]
+        in_cache = None
+        if trees.in_cache is not None and self.reuse_draft_kv:  # node i's K/V is cached
+            in_cache = trees.in_cache[row_of, nodes]
+        drafted = trees.tokens.shape[1] - 1
         segs = []
-        for r, sel in zip(decode, selections, strict=True):
-            # never verify past the slot's rows or past the tokens the request still wants;
-            # selections are sorted by node index, so a prefix is still a connected tree
-            room = min(self.engine.max_len - r.cached, r.request.max_tokens - len(r.output))
-            sel = sel[: max(1, room)]
-            row = r.slot
-            remap = {int(n): i for i, n in enumerate(sel)}
-            parents = np.array(
-                [-1] + [remap[int(trees.parents[row, n])] for n in sel[1:]], np.int32
-            )
-            tokens = np.concatenate([[r.pending_token], trees.tokens[row, sel[1:]]]).astype(
-                np.int32
-            )
-            segs.append(Segment(r.slot, r.cached, tokens, parents, r.request.sampling))
-            if trees.in_cache is not None and self.reuse_draft_kv:  # node i's K/V is cached
-                self._in_draft_cache[r.slot] = trees.in_cache[row, sel]
-            if adaserve:  # what the calibrator needs to learn from this tree's verification
-                self._sel_log_f[r.slot] = (
-                    trees.log_f[row, sel],
-                    trees.depth[row, sel],
-                    self._rank[row, sel],
-                )
-            r.stats.drafted += trees.tokens.shape[1] - 1
-            r.stats.selected += len(sel) - 1
+        for i, r in enumerate(decode):
+            a, b = bounds[i], bounds[i + 1]
+            segs.append(Segment(r.slot, r.cached, tokens[a:b], parents[a:b], r.request.sampling))
+            if adaserve:
+                self._sel_log_f[r.slot] = (log_f[a:b], depth[a:b], rank[a:b])
+            if in_cache is not None:
+                self._in_draft_cache[r.slot] = in_cache[a:b]
+            r.stats.drafted += drafted
+            r.stats.selected += b - a - 1
         return segs, trees
 
     def _adaserve_select(self, decode: list[RequestState], trees: DraftTrees) -> list[np.ndarray]:
@@ -404,29 +417,78 @@ class Scheduler:
         self._select_seconds += time.perf_counter() - t0
         return list(sel.nodes)
 
-    def _commit_tree(self, r: RequestState, seg: Segment, target: np.ndarray, now: float) -> int:
-        """Acceptance walk for one verified tree; queue KV compaction; emit tokens."""
-        path, emitted = accept_path(seg.parents, seg.tokens, target)
-        base = r.cached
-        for i, node in enumerate(path, start=1):
-            if node != i:
-                self._moves.append(Move(r.slot, base + node, base + i))
-        r.cached += 1 + len(path)
-        in_cache = self._in_draft_cache.pop(r.slot, None)
-        if in_cache is not None and r.draft_cached == base + 1:
-            # the draft holds the K/V of the accepted path's leading in-cache nodes at their
-            # committed rows already: its next catch-up starts after them
-            for node in path:
-                if not in_cache[node]:
-                    break
-                r.draft_cached += 1
-        picked = self._sel_log_f.pop(r.slot, None)
-        if picked is not None and len(picked[0]) > 1:
-            self.calibrator.observe_tree(seg.parents, picked[0], path, picked[1], picked[2])
-        r.stats.steps += 1
-        r.stats.accepted += len(path)
-        self._emit(r, emitted, now)
-        return len(path)
+    def _commit_trees(
+        self,
+        decode: list[RequestState],
+        segs: list[Segment],
+        sampled: np.ndarray,
+        offsets: tuple[int, ...],
+        now: float,
+    ) -> int:
+        """Acceptance walk for every verified tree at once (padded [R, n] arrays, engine/tree.py
+        `accept_paths`); queue KV compaction; feed the calibrator; emit tokens. Returns the
+        drafted tokens accepted."""
+        n_req = len(decode)
+        lens = np.fromiter((len(s) for s in segs), np.int64, n_req)
+        width = int(lens.max())
+        row_of = np.repeat(np.arange(n_req), lens)
+        col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        parents = np.full((n_req, width), -1, np.int64)
+        parents[row_of, col] = np.concatenate([s.parents for s in segs])
+        tokens = np.zeros((n_req, width), np.int64)
+        tokens[row_of, col] = np.concatenate([s.tokens for s in segs])
+        target = np.zeros((n_req, width), np.int64)
+        target[row_of, col] = sampled[np.repeat(np.asarray(offsets[:n_req]), lens) + col]
+        acc = accept_paths(parents, tokens, target, lens)
+        rows = np.arange(n_req)
+        bonus = target[rows, np.where(acc, np.arange(width), 0).max(1)].tolist()
+        if self.policy.kind is PolicyKind.ADASERVE:
+            self._observe_trees(decode, parents, acc, row_of, col)
+        path_rows, path_cols = np.nonzero(acc[:, 1:])
+        path_cols += 1  # node indices, increasing along each path
+        bounds = np.searchsorted(path_rows, np.arange(n_req + 1)).tolist()
+        path_tokens = tokens[path_rows, path_cols].tolist()
+        path_cols = path_cols.tolist()
+        total = 0
+        for i, r in enumerate(decode):
+            path = path_cols[bounds[i] : bounds[i + 1]]
+            base = r.cached
+            for k, node in enumerate(path, start=1):
+                if node != k:
+                    self._moves.append(Move(r.slot, base + node, base + k))
+            r.cached += 1 + len(path)
+            in_cache = self._in_draft_cache.pop(r.slot, None)
+            if in_cache is not None and r.draft_cached == base + 1:
+                # the draft holds the K/V of the accepted path's leading in-cache nodes at
+                # their committed rows already: its next catch-up starts after them
+                for node in path:
+                    if not in_cache[node]:
+                        break
+                    r.draft_cached += 1
+            r.stats.steps += 1
+            r.stats.accepted += len(path)
+            total += len(path)
+            self._emit(r, path_tokens[bounds[i] : bounds[i + 1]] + [bonus[i]], now)
+        return total
+
+    def _observe_trees(self, decode, parents, acc, row_of, col) -> None:
+        """AdaServe: every verified edge out of an accepted node, with the raw log f, depth and
+        sibling rank the selection saw, to the acceptance calibrator (one batch)."""
+        picked = [self._sel_log_f.pop(r.slot) for r in decode]
+        shape = parents.shape
+        fields = []
+        for j, dtype in ((0, np.float64), (1, np.int64), (2, np.int64)):
+            pad = np.zeros(shape, dtype)
+            pad[row_of, col] = np.concatenate([p[j] for p in picked])
+            fields.append(pad)
+        log_f, depth, rank = fields
+        rows = np.arange(shape[0])[:, None]
+        par = np.maximum(parents[:, 1:], 0)
+        live = (parents[:, 1:] >= 0) & acc[rows, par]
+        log_q = (log_f[:, 1:] - log_f[rows, par])[live]
+        self.calibrator.observe_edges(
+            log_q, depth[:, 1:][live], rank[:, 1:][live], acc[:, 1:][live]
+        )
 
     # ---- internals -------------------------------------------------------------------
     def _admit(self) -> None:

@@ -88,6 +88,13 @@ class RequestState:
     def all_tokens(self) -> list[int]:
         return list(self.request.prompt_ids) + self.output
 
+    def tokens_between(self, start: int, stop: int) -> list[int]:
+        """`all_tokens()[start:stop]` without building the whole list."""
+        n = len(self.request.prompt_ids)
+        if start >= n:
+            return self.output[start - n : stop - n]
+        return list(self.request.prompt_ids[start:stop]) + self.output[: max(stop - n, 0)]
+
     @property
     def decode_elapsed(self) -> float:
         if self.first_token_time is None or self.last_token_time is None:

@@ -6,8 +6,8 @@
 
 Runs the real `Engine` (greedy, policy `tree:D,K`) on trace prompts of every SLO category
 and instruments one real scheduler: `engine.expand` is wrapped to keep each step's drafted
-trees, and `Scheduler._commit_tree` is wrapped (for this scheduler instance only) to see
-the verified segment and the target's tokens before the normal commit. What is recorded
+trees, and `Scheduler._commit_trees` is wrapped (for this scheduler instance only) to see
+the verified segments and the target's tokens before the normal commit. What is recorded
 is described in `calibration.py`. With `--profile-out`, the engine's measured latency
 profile (engine/profiler.py) is written as the `local` sim profile.
 """
@@ -137,17 +137,23 @@ def record_simulated(
 
     eng.expand = expand
     sched = Scheduler(eng, policy=policy, token_budget=max(1024, requests * 16), clock=clock)
-    inner_commit = sched._commit_tree
-
-    def commit(r, seg, tgt, now):
-        rec.on_commit(r.slot, seg, tgt, shape)
-        return inner_commit(r, seg, tgt, now)
-
-    sched._commit_tree = commit
+    _record_commits(sched, rec, shape)
     for i in range(requests):
         sched.submit(Request(f"r{i}", (1,) * 8, max_tokens))
     sched.run_until_done()
     return rec.result({"simulated": True, "policy": policy})
+
+
+def _record_commits(sched, rec: Recorder, shape) -> None:
+    """Show `rec` every verified segment and the target's tokens, then commit as usual."""
+    inner_commit = sched._commit_trees
+
+    def commit(decode, segs, sampled, offsets, now):
+        for r, seg, off in zip(decode, segs, offsets, strict=False):
+            rec.on_commit(r.slot, seg, sampled[off : off + len(seg)], shape)
+        return inner_commit(decode, segs, sampled, offsets, now)
+
+    sched._commit_trees = commit
 
 
 def _prompts(workload: str, n: int) -> list[tuple[str, str]]:
@@ -206,13 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.expand = expand
     prompts = _prompts(args.workload, args.prompts)
     sched: Scheduler = engine._scheduler(policy)
-    inner_commit = sched._commit_tree
-
-    def commit(r, seg, tgt, now):
-        rec.on_commit(r.slot, seg, tgt, shape)
-        return inner_commit(r, seg, tgt, now)
-
-    sched._commit_tree = commit
+    _record_commits(sched, rec, shape)
     for i, (cat, text) in enumerate(prompts):
         ids = engine.encode_prompt(text)[: args.max_prompt_len]
         sched.submit(

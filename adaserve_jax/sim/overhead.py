@@ -43,10 +43,16 @@ def measure(profile, calibration, policy: str, running: int, budget: int, iterat
     )
     for i in range(running):
         sched.submit(Request(f"r{i}", (1,) * prompt_len, 4000, tpot_slo_ms=(36, 50, 150)[i % 3]))
+    # prefill everyone first (adaserve would otherwise keep its trees ahead of the prompts, and
+    # the first requests would finish before the last ones start decoding)
+    floor, sched.prefill_floor = sched.prefill_floor, budget
     while any(r.phase.value != "decode" for r in sched.running) or sched.waiting:
         sched.step()
+    sched.prefill_floor = floor
     for _ in range(10):  # warm-up: acceptance refits, caches
         sched.step()
+    if len(sched.running) != running:
+        raise RuntimeError(f"{len(sched.running)} of {running} requests still running")
     sel_cpu = [0.0]
     inner_select = sched._adaserve_select
 
