@@ -86,7 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_nonneg_float,
         default=0.0,
         help="Generate sends at most one message per stream per interval (tokens merged); "
-        "0 (default) = one message per loop iteration; 20 cuts server overhead (BENCHMARKS.md)",
+        "0 (default) = one message per loop iteration, subject to --stream-rate",
+    )
+    g.add_argument(
+        "--stream-rate",
+        type=_nonneg_float,
+        default=200.0,
+        help="message budget over all streams (messages/s): with S streams in flight each sends "
+        "at most one message per S / rate seconds, tokens merged; 0 = no budget. Every message "
+        "costs CPU the device step waits for (BENCHMARKS.md)",
     )
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
@@ -200,6 +208,7 @@ def serve(args: argparse.Namespace) -> int:
             metrics=ServerMetrics(),
             version=__version__,
             stream_interval_s=args.stream_interval_ms / 1e3,
+            stream_rate=args.stream_rate,
         )
         server = GrpcServer(config, servicer)
     except (ValueError, OSError, RuntimeError) as exc:

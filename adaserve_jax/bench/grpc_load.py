@@ -9,7 +9,9 @@ concurrency level `c` runs `max(c, --requests)` streaming requests from `c` clie
 whether any KV slot leaked (ServerInfo after the level). With `--overhead-concurrency 16` it also
 runs the same requests on an in-process `Engine` (same model, buckets, policy) and reports the
 server overhead: (TPOT via gRPC - TPOT in-process) / TPOT via gRPC, TPOT measured by the caller
-(first to last token it received). Results go to `--out` as JSON.
+(first to last token it received), twice: against the `serve.py` process, and against a gRPC
+server started in this process around the in-process engine (`same_engine`: only the gRPC path
+differs). Results go to `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -219,10 +221,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--category", default="summarization")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument(
-        "--stream-interval-ms",
+        "--stream-interval-ms", type=float, default=0.0, help="serve.py's message interval"
+    )
+    p.add_argument(
+        "--stream-rate",
         type=float,
-        default=50.0,
-        help="serve.py's message interval (each message costs the server CPU wake-ups)",
+        default=200.0,
+        help="serve.py's message budget over all streams (messages/s; 0 = none)",
     )
     p.add_argument("--token-buckets", default="1,4,16,64")
     p.add_argument("--ctx-buckets", default="64,256")
@@ -257,12 +262,20 @@ def main(argv: list[str] | None = None) -> int:
             "--max-batch", str(args.max_batch), "--token-buckets", args.token_buckets,
             "--ctx-buckets", args.ctx_buckets, "--no-progress", "--drain-seconds", "5",
             "--stream-interval-ms", str(args.stream_interval_ms),
+            "--stream-rate", str(args.stream_rate),
         ]  # fmt: skip
         log = open(tmp / "server.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = Client(address, auth_token=args.auth_token)
     server_pid = proc.pid if proc is not None else None
-    result: dict = {"address": address, "policy": policy, "target": target, "levels": []}
+    result: dict = {
+        "address": address,
+        "policy": policy,
+        "target": target,
+        "stream_interval_ms": args.stream_interval_ms,
+        "stream_rate": args.stream_rate,
+        "levels": [],
+    }
     try:
         end = time.monotonic() + 900
         while True:  # until SERVING (warm)
@@ -327,6 +340,7 @@ def overhead(
         runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
         deadline = time.perf_counter() + args.level_seconds
         runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline, server_pid))
+    same = same_engine_overhead(args, engine, prompts)
     engine.service.shutdown(5)
     g = float(np.median([r["tpot_ms_mean"] for r in runs["grpc"]]))
     e = float(np.median([r["tpot_ms_mean"] for r in runs["in_process"]]))
@@ -350,7 +364,48 @@ def overhead(
             cpu_overhead_share=(cpu_g - cpu_e) / cpu_g,
         )
     out["runs"] = runs
+    out["same_engine"] = same
     return out
+
+
+def same_engine_overhead(args: argparse.Namespace, engine, prompts: list[list[int]]) -> dict:
+    """The same comparison on one engine: a gRPC server started in this process around the
+    in-process `Engine` (real server, real clients over 127.0.0.1), alternating with direct
+    `Engine.submit` calls. Only the gRPC path differs (the cross-process runs above also
+    compare two engine instances in two processes); the clients' threads share the server's
+    process here, which counts against gRPC."""
+    from adaserve_jax.client import Client
+    from adaserve_jax.server.app import GrpcServer, ServerConfig
+    from adaserve_jax.server.servicer import GenerationServicer
+
+    c = args.overhead_concurrency
+    servicer = GenerationServicer(
+        policy=engine.policy.name,
+        stream_interval_s=args.stream_interval_ms / 1e3,
+        stream_rate=args.stream_rate,
+    )
+    server = GrpcServer(ServerConfig(port=_free_port(), metrics_port=0), servicer)
+    server.start()
+    server.set_engine(engine)
+    client = Client(f"127.0.0.1:{server.port}")
+    runs: dict[str, list[dict]] = {"grpc": [], "in_process": []}
+    try:
+        for _ in range(args.overhead_reps):
+            deadline = time.perf_counter() + args.level_seconds
+            runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
+            deadline = time.perf_counter() + args.level_seconds
+            runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline))
+    finally:
+        client.close()
+        server.server.stop(5).wait(10)
+    g = float(np.median([r["tpot_ms_mean"] for r in runs["grpc"]]))
+    e = float(np.median([r["tpot_ms_mean"] for r in runs["in_process"]]))
+    return {
+        "tpot_ms_grpc": g,
+        "tpot_ms_in_process": e,
+        "overhead_share": (g - e) / g,
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
@@ -89,16 +89,19 @@ class RequestHandle:
         """
         return self.stream()
 
-    def stream(self, min_interval_s: float = 0.0) -> Iterator[list[int]]:
+    def stream(self, min_interval_s: float | Callable[[], float] = 0.0) -> Iterator[list[int]]:
         """Like iterating the handle, but yields at most once per `min_interval_s` (except
         the first tokens and the end): tokens arriving meanwhile are merged into one list.
         A streaming server uses it to send fewer, larger messages (each message costs the
-        serving process CPU time that the scheduler thread then waits for)."""
+        serving process CPU time that the scheduler thread then waits for). A callable is
+        asked for the interval before every message."""
+        interval = min_interval_s if callable(min_interval_s) else lambda: min_interval_s
         last = -math.inf
         while True:
             tokens, done = [], False
-            if time.monotonic() < last + min_interval_s:  # sleep to the deadline, then send
-                tokens, done = self._events.take(until=last + min_interval_s)
+            deadline = last + interval()
+            if time.monotonic() < deadline:  # sleep to the deadline, then send
+                tokens, done = self._events.take(until=deadline)
             if not tokens and not done:  # nothing came meanwhile: send the next token at once
                 tokens, done = self._events.take()
             if tokens:

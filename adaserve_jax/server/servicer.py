@@ -118,13 +118,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         metrics: ServerMetrics | None = None,
         version: str = "",
         stream_interval_s: float = 0.0,
+        stream_rate: float = 0.0,
     ) -> None:
         if not (stream_interval_s >= 0):
             raise ValueError(f"{stream_interval_s=} must be >= 0")
+        if not (stream_rate >= 0):
+            raise ValueError(f"{stream_rate=} must be >= 0")
         self.engine = None
         self.policy = policy
-        # Generate sends at most one message per stream per interval (tokens merged)
+        # Generate sends at most one message per stream per interval (tokens merged); with a
+        # rate budget (messages per second over all streams, 0 = none) the interval grows
+        # with the number of streams in flight: every message costs the server CPU wake-ups
+        # that the device step waits for (BENCHMARKS.md), a lone stream still gets every step
         self.stream_interval_s = float(stream_interval_s)
+        self.stream_rate = float(stream_rate)
         self.categories = tuple(categories)
         self.metrics = metrics
         self.version = version
@@ -153,6 +160,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     @property
     def active(self) -> int:
         return self._active
+
+    def message_interval_s(self) -> float:
+        """Seconds between two messages of one stream now (see `stream_rate`)."""
+        if self.stream_rate <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self._active / self.stream_rate)
 
     def _track(self, delta: int) -> None:
         with self._active_lock:
@@ -260,7 +273,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 engine.tokenizer.decode if engine.tokenizer is not None else None, req.stop
             )
             output: list[int] = []
-            for tokens in handle.stream(self.stream_interval_s):
+            for tokens in handle.stream(self.message_interval_s):
                 output.extend(tokens)
                 yield pb.GenerateResponse(
                     request_id=req.request_id, token_ids=tokens, text=stream.push(output)

@@ -39,3 +39,19 @@ def test_iterating_a_handle_merges_what_queued_meanwhile():
         handle._events.put([i])
     handle._events.close()
     assert list(handle) == [[0, 1, 2]]
+
+
+def test_stream_interval_can_change_while_streaming():
+    """A callable interval is asked before every message (the server's rate budget)."""
+    asked = []
+
+    def interval():
+        asked.append(1)
+        return 0.0 if len(asked) < 3 else 0.05
+
+    handle = RequestHandle(None, Request("r", (1, 2), 40))
+    t = _produce(handle, 40, 0.004)
+    chunks = list(handle.stream(interval))
+    t.join()
+    assert [tok for c in chunks for tok in c] == list(range(40))
+    assert len(asked) >= len(chunks) and len(chunks) <= 8  # first two fast, then 50 ms apart

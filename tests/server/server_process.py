@@ -71,6 +71,7 @@ class ServerProcess:
             "--max-batch", str(MAX_BATCH),
             "--max-queue", "128",
             "--stream-interval-ms", "0",  # one message per loop iteration (tests count them)
+            "--stream-rate", "0",
             "--no-progress",
             *extra,
         ]  # fmt: skip

@@ -181,3 +181,14 @@ def test_server_layer_does_not_import_jax():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_message_interval_grows_with_streams_under_a_rate_budget():
+    s = GenerationServicer(stream_interval_s=0.01, stream_rate=200.0)
+    assert s.message_interval_s() == 0.01  # no stream in flight: the floor
+    s._track(+16)
+    assert s.message_interval_s() == pytest.approx(16 / 200.0)
+    s._track(-16)
+    assert GenerationServicer(stream_interval_s=0.02).message_interval_s() == 0.02
+    with pytest.raises(ValueError, match="stream_rate"):
+        GenerationServicer(stream_rate=-1.0)
