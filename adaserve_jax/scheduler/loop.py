@@ -303,9 +303,11 @@ class Scheduler:
         root_vals = np.zeros((s, vals.shape[1]), np.float32)
         root_toks = np.zeros((s, vals.shape[1]), np.int32)
         root_pos = np.full(s, -1, np.int32)  # -1: slot not decoding
-        for r, seg, off in zip(decode, draft_segs, offsets, strict=False):
-            last = off + len(seg) - 1
-            root_vals[r.slot], root_toks[r.slot], root_pos[r.slot] = vals[last], idx[last], r.cached
+        slots = np.fromiter((r.slot for r in decode), np.int64, len(decode))
+        last = np.asarray(offsets[: len(decode)]) + [len(seg) - 1 for seg in draft_segs]
+        root_vals[slots], root_toks[slots] = vals[last], idx[last]
+        for r in decode:
+            root_pos[r.slot] = r.cached
             r.draft_cached = r.cached + 1
         for seg in prefill_segs:
             owner = next(r for r in self.running if r.slot == seg.slot)
@@ -502,6 +504,14 @@ class Scheduler:
         """Append produced tokens, applying the finish rules token by token."""
         kept: list[int] = []
         reason = None
+        stop = r.request.stop if self.decode_text is not None else ()
+        if (
+            (self.eos_id is None or self.eos_id not in tokens)
+            and len(r.output) + len(tokens) < r.request.max_tokens
+            and not (stop and any(x in self.decode_text(r.output + tokens) for x in stop))
+        ):  # no rule fires in this chunk (the common case): append it whole
+            r.output.extend(tokens)
+            kept, tokens = tokens, []
         for tok in tokens:
             kept.append(tok)
             r.output.append(tok)
