@@ -273,19 +273,33 @@ class Scheduler:
             return n
         catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
         if self.policy.kind is PolicyKind.ADASERVE:
-            # room for every candidate tree, as fixed trees do, minus the prefill floor
-            verify = min(n * shape.num_nodes, max(n, self.token_budget - self.prefill_floor))
+            # room for every candidate tree, as fixed trees do, minus the prefill floor and
+            # the prompts of requests that asked for a first-token deadline (ttft_slo_ms):
+            # those are prefilled before trees are reserved
+            floor = max(self.prefill_floor, self._ttft_prompt_tokens())
+            verify = min(n * shape.num_nodes, max(n, self.token_budget - floor))
         else:
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)
+
+    def _ttft_prompt_tokens(self) -> int:
+        """Prompt tokens still to prefill of admitted requests with a TTFT SLO."""
+        return sum(
+            r.prompt_len - r.cached
+            for r in self.running
+            if r.phase is Phase.PREFILL and r.request.ttft_slo_ms is not None
+        )
 
     def _plan_prefill(self, budget: int) -> list[tuple[RequestState, int]]:
         plan = []
         if self.policy.kind is PolicyKind.SARATHI:
             budget = min(budget, self.prefill_chunk)
-        for r in self.running:
-            if r.phase is not Phase.PREFILL or budget <= 0:
-                continue
+        prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
+        # requests with a TTFT SLO first (stable: arrival order within each group)
+        prefilling.sort(key=lambda r: r.request.ttft_slo_ms is None)
+        for r in prefilling:
+            if budget <= 0:
+                break
             n = min(r.prompt_len - r.cached, budget)
             plan.append((r, n))
             budget -= n

@@ -257,3 +257,35 @@ def test_adaserve_prefill_floor_trades_tree_room_for_ttft():
     assert first_token_iteration[48] < first_token_iteration[0]
     with pytest.raises(ValueError, match="prefill_floor"):
         Scheduler(MockEngine(), policy="adaserve", token_budget=64, prefill_floor=65)
+
+
+def test_adaserve_prefills_requests_with_a_ttft_slo_before_reserving_trees():
+    """A request that asks for a first-token deadline is prefilled ahead of the candidate
+    trees (and of other waiting prompts); without one it waits behind the trees (floor 0)."""
+
+    def run(ttft, with_other):
+        eng = MockEngine(num_slots=5)
+        sched = Scheduler(
+            eng, policy="adaserve", token_budget=64, prefill_chunk=64,
+            profile=LatencyProfile.cpu_reference(),
+        )  # fmt: skip
+        sched.clock = lambda s=sched: float(s.iterations)  # time = iterations
+        for i in range(3):
+            sched.submit(_req(i, prompt_len=4, max_tokens=60, tpot_slo_ms=1e5))
+        for _ in range(3):
+            sched.step()  # the three short prompts are decoding now
+        other = None
+        if with_other:
+            other = sched.submit(_req(8, prompt_len=200, max_tokens=4, tpot_slo_ms=1e5))
+        late = sched.submit(
+            _req(9, prompt_len=200, max_tokens=4, tpot_slo_ms=1e5, ttft_slo_ms=ttft)
+        )
+        sched.run_until_done()
+        assert late.output == _expected(_req(9, prompt_len=200, max_tokens=4))
+        return late.first_token_time, other.first_token_time if other else None
+
+    # alone: the prompt goes before the trees only with the SLO
+    assert run(50.0, False)[0] < run(None, False)[0]
+    # behind an earlier prompt: the SLO puts it first
+    late, other = run(50.0, True)
+    assert late < other
