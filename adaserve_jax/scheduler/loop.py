@@ -37,6 +37,7 @@ from adaserve_jax.scheduler.budget import (
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
 from adaserve_jax.scheduler.policy import (
+    ADASERVE_RESERVE,
     Policy,
     PolicyKind,
     fit_adaserve_shape,
@@ -89,6 +90,7 @@ class Scheduler:
         token_budget: int = 256,
         prefill_chunk: int = 64,
         prefill_floor: int = 0,
+        adaserve_reserve: int = ADASERVE_RESERVE,
         eos_id: int | None = None,
         decode_text: Callable[[list[int]], str] | None = None,
         on_tokens: TokenCallback | None = None,
@@ -123,6 +125,10 @@ class Scheduler:
         # reserved (0: trees first, best TPOT attainment, prompts queue under overload; larger:
         # lower TTFT, more requests decoding at once, tighter SLOs missed sooner; SIMULATION.md)
         self.prefill_floor = prefill_floor
+        if not isinstance(adaserve_reserve, int) or adaserve_reserve < 1:
+            raise ValueError(f"{adaserve_reserve=} must be an int >= 1")
+        # adaserve: tokens per decoding request kept from prefill (policy.ADASERVE_RESERVE)
+        self.adaserve_reserve = adaserve_reserve
         self.profile = profile
         self.calibrator = AcceptanceCalibrator()
         # adaserve: slot -> (raw log f, depth, sibling rank) of the nodes it sent to verify
@@ -273,11 +279,12 @@ class Scheduler:
             return n
         catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
         if self.policy.kind is PolicyKind.ADASERVE:
-            # room for every candidate tree, as fixed trees do, minus the prefill floor and
-            # the prompts of requests that asked for a first-token deadline (ttft_slo_ms):
-            # those are prefilled before trees are reserved
+            # `adaserve_reserve` tokens per decoding request (at least its candidate tree),
+            # minus the prefill floor and the prompts of requests that asked for a first-token
+            # deadline (ttft_slo_ms): those are prefilled before the reservation
             floor = max(self.prefill_floor, self._ttft_prompt_tokens())
-            verify = min(n * shape.num_nodes, max(n, self.token_budget - floor))
+            per_request = max(shape.num_nodes, self.adaserve_reserve)
+            verify = min(n * per_request, max(n, self.token_budget - floor))
         else:
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)

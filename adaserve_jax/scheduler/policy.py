@@ -40,7 +40,16 @@ class Policy:
         return self.shape is not None
 
 
-ADASERVE_SHAPE = TreeShape(depth=6, width=2, topk=2)
+# AdaServe's drafted candidate tree: a depth-4 chain with the runner-up token at every depth
+# (width 1, top-2 children). Deeper / wider trees (depth 6, width 2 was the default until
+# 2026-11-24) cost more drafting per step than their extra nodes return with a draft of the
+# shipped pair's quality (SIMULATION.md).
+ADASERVE_SHAPE = TreeShape(depth=4, width=1, topk=2)
+# Tokens per decoding request that AdaServe keeps out of reach of chunked prefill, whether its
+# trees use them or not: prompts are prefilled only while running requests leave room, so the
+# number of requests decoding at once stays near token_budget / ADASERVE_RESERVE (admission
+# control that protects TPOT SLOs at the cost of TTFT under overload; SIMULATION.md).
+ADASERVE_RESERVE = 30
 _SPEC = re.compile(r"spec:(\d+)$")
 _TREE = re.compile(r"tree:(\d+),(\d+)$")
 

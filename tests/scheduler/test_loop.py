@@ -289,3 +289,26 @@ def test_adaserve_prefills_requests_with_a_ttft_slo_before_reserving_trees():
     # behind an earlier prompt: the SLO puts it first
     late, other = run(50.0, True)
     assert late < other
+
+
+def test_adaserve_reserve_is_admission_control():
+    """Tokens reserved per decoding request keep prompts waiting while the step is full of
+    running requests: a smaller reservation admits the late prompt sooner."""
+    first = {}
+    for reserve in (64, 1):  # 1: just the candidate trees
+        sched = Scheduler(
+            MockEngine(num_slots=4), policy="adaserve", token_budget=64, prefill_chunk=64,
+            adaserve_reserve=reserve, profile=LatencyProfile.cpu_reference(),
+        )  # fmt: skip
+        sched.clock = lambda s=sched: float(s.iterations)
+        for i in range(2):
+            sched.submit(_req(i, prompt_len=4, max_tokens=40, tpot_slo_ms=1e5))
+        for _ in range(3):
+            sched.step()
+        late = sched.submit(_req(9, prompt_len=40, max_tokens=4, tpot_slo_ms=1e5))
+        sched.run_until_done()
+        assert late.output == _expected(_req(9, prompt_len=40, max_tokens=4))
+        first[reserve] = late.first_token_time
+    assert first[1] < first[64]
+    with pytest.raises(ValueError, match="adaserve_reserve"):
+        Scheduler(MockEngine(), policy="adaserve", token_budget=64, adaserve_reserve=0)

@@ -96,9 +96,11 @@ def test_adaserve_shape_fits_the_engine():
     # the shipped engine (8 slots, 64 tokens) and the paper scale (128 slots, 1024): full tree
     assert fit_adaserve_shape(ADASERVE_SHAPE, 64, 8) == ADASERVE_SHAPE
     assert fit_adaserve_shape(ADASERVE_SHAPE, 1024, 128) == ADASERVE_SHAPE
-    # 16 slots on 64 tokens: depth floor(64 / 16) - 1 = 3, width 32 // 16 = 2
+    # 16 slots on 64 tokens: depth floor(64 / 16) - 1 = 3, width min(32 // 16, 1) = 1
     small = fit_adaserve_shape(ADASERVE_SHAPE, 64, 16)
-    assert (small.depth, small.width) == (3, 2)
+    assert (small.depth, small.width) == (3, 1)
+    wide = fit_adaserve_shape(dataclasses.replace(ADASERVE_SHAPE, depth=6, width=2), 64, 16)
+    assert (wide.depth, wide.width) == (3, 2)
     # 32 slots: depth 1, width 1 (one drafted token per request)
     tiny = fit_adaserve_shape(ADASERVE_SHAPE, 64, 32)
     assert (tiny.depth, tiny.width) == (1, 1)
