@@ -69,7 +69,9 @@ def test_health_reflection_and_info(server, client):
 def test_stream_equals_once_token_ids(client):
     req = build_request(PROMPT, max_tokens=24, tpot_slo_ms=10_000.0)
     sizes = [len(m.token_ids) for m in client.generate(req)]
-    assert max(sizes) == 3  # the draft is the target: speculation accepts both drafted tokens
+    # the draft is the target: speculation accepts both drafted tokens, so a step yields 3
+    # tokens (a reader that falls behind a step gets two steps' tokens in one message)
+    assert max(sizes) >= 3 and sum(sizes) == 24
     tokens, text, finish = stream(client, req)
     once = client.generate_once(req, timeout=60)
     assert tokens == list(once.token_ids) and len(tokens) == 24
