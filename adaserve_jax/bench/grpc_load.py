@@ -334,22 +334,10 @@ def overhead(
         progress=False,
     )
     prompts = make_prompts(max(c, args.requests), vocab, args.prompt_len, seed=1000 + c)
-    runs: dict[str, list[dict]] = {"grpc": [], "in_process": []}
-    for _ in range(args.overhead_reps):
-        deadline = time.perf_counter() + args.level_seconds
-        runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
-        deadline = time.perf_counter() + args.level_seconds
-        runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline, server_pid))
+    runs = alternate(args, engine, client, prompts, server_pid)
     same = same_engine_overhead(args, engine, prompts)
     engine.service.shutdown(5)
-    g = float(np.median([r["tpot_ms_mean"] for r in runs["grpc"]]))
-    e = float(np.median([r["tpot_ms_mean"] for r in runs["in_process"]]))
-    out = {
-        "concurrency": c,
-        "tpot_ms_grpc": g,
-        "tpot_ms_in_process": e,
-        "overhead_share": (g - e) / g,  # wall clock: noisy on a shared machine
-    }
+    out = {"concurrency": c, **tpot_overhead(runs)}  # wall clock: noisy on a shared machine
     srv = [r["server_process_cpu_s"] for r in runs["grpc"]]
     if None not in srv:
         # CPU seconds for the same requests: server process (gRPC + loop + device) vs the
@@ -378,7 +366,6 @@ def same_engine_overhead(args: argparse.Namespace, engine, prompts: list[list[in
     from adaserve_jax.server.app import GrpcServer, ServerConfig
     from adaserve_jax.server.servicer import GenerationServicer
 
-    c = args.overhead_concurrency
     servicer = GenerationServicer(
         policy=engine.policy.name,
         stream_interval_s=args.stream_interval_ms / 1e3,
@@ -388,24 +375,31 @@ def same_engine_overhead(args: argparse.Namespace, engine, prompts: list[list[in
     server.start()
     server.set_engine(engine)
     client = Client(f"127.0.0.1:{server.port}")
-    runs: dict[str, list[dict]] = {"grpc": [], "in_process": []}
     try:
-        for _ in range(args.overhead_reps):
-            deadline = time.perf_counter() + args.level_seconds
-            runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
-            deadline = time.perf_counter() + args.level_seconds
-            runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline))
+        runs = alternate(args, engine, client, prompts)
     finally:
         client.close()
         server.server.stop(5).wait(10)
+    return {**tpot_overhead(runs), "runs": runs}
+
+
+def alternate(args, engine, client, prompts, server_pid: int | None = None) -> dict:
+    """`--overhead-reps` rounds of the same requests: in-process `Engine`, then via gRPC."""
+    c = args.overhead_concurrency
+    runs: dict[str, list[dict]] = {"grpc": [], "in_process": []}
+    for _ in range(args.overhead_reps):
+        deadline = time.perf_counter() + args.level_seconds
+        runs["in_process"].append(closed_loop(prompts, c, engine_one(engine, args), deadline))
+        deadline = time.perf_counter() + args.level_seconds
+        runs["grpc"].append(closed_loop(prompts, c, grpc_one(client, args), deadline, server_pid))
+    return runs
+
+
+def tpot_overhead(runs: dict) -> dict:
+    """Median TPOT of each side and (gRPC - in-process) / gRPC."""
     g = float(np.median([r["tpot_ms_mean"] for r in runs["grpc"]]))
     e = float(np.median([r["tpot_ms_mean"] for r in runs["in_process"]]))
-    return {
-        "tpot_ms_grpc": g,
-        "tpot_ms_in_process": e,
-        "overhead_share": (g - e) / g,
-        "runs": runs,
-    }
+    return {"tpot_ms_grpc": g, "tpot_ms_in_process": e, "overhead_share": (g - e) / g}
 
 
 if __name__ == "__main__":

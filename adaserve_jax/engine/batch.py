@@ -117,6 +117,16 @@ class Segment:
             raise ValueError(f"token ids must be in [0, {vocab_size})")
 
 
+def ragged_index(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For consecutive runs of `lens` items: (run of each item, its index within the run,
+    start of each run), all int64. The flat <-> padded [runs, max(lens)] mapping used for
+    segments and trees throughout the engine and the scheduler."""
+    lens = np.asarray(lens, np.int64)
+    starts = np.cumsum(lens) - lens
+    owner = np.repeat(np.arange(lens.size), lens)
+    return owner, np.arange(int(lens.sum())) - starts[owner], starts
+
+
 def validate_segments(
     segments: Sequence[Segment], vocab_size: int, num_slots: int, max_len: int
 ) -> None:
@@ -141,7 +151,7 @@ def validate_segments(
             and tokens.max() < vocab_size
         )
         if ok:
-            local = np.arange(len(tokens)) - np.repeat(np.cumsum(lens) - lens, lens)
+            _, local, _ = ragged_index(lens)
             ok = bool(np.all((parents >= -1) & (parents < local)))
     except (ValueError, TypeError, AttributeError):
         ok = False
@@ -211,10 +221,8 @@ class FlatBatch:
         offsets: tuple[int, ...] = ()
         if segments:
             lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-            starts = np.cumsum(lens) - lens
-            offsets = tuple(int(o) for o in starts)
-            seg_of = np.repeat(np.arange(len(segments)), lens)  # segment of each token
-            local = np.arange(total) - starts[seg_of]  # node index within its segment
+            seg_of, local, starts = ragged_index(lens)  # each token's segment and node index
+            offsets = tuple(starts.tolist())
             ctx_len = np.fromiter((s.ctx_len for s in segments), np.int64, len(segments))[seg_of]
             depth = local.copy()  # chains; trees below
             mask = (seg_of[:, None] == seg_of[None, :]) & (local[None, :] <= local[:, None])
@@ -229,13 +237,8 @@ class FlatBatch:
             a["cache_index"][:total] = ctx_len + local
             a["ctx_len"][:total] = ctx_len
             a["tree_mask"][:total, :total] = mask
-            for key, field in (
-                ("temperature", "temperature"),
-                ("top_k", "top_k"),
-                ("top_p", "top_p"),
-                ("seed", "seed"),
-            ):
-                values = [getattr(s.sampling, field) for s in segments]
+            for key in ("temperature", "top_k", "top_p", "seed"):  # SamplingParams fields
+                values = [getattr(s.sampling, key) for s in segments]
                 a[key][:total] = np.asarray(values, a[key].dtype)[seg_of]
         for i, m in enumerate(moves):
             a["move_slot"][i], a["move_src"][i], a["move_dst"][i] = m.slot, m.src, m.dst

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Move, Segment
+from adaserve_jax.engine.batch import Move, Segment, ragged_index
 from adaserve_jax.engine.kv_alloc import SlotAllocator
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_paths
 from adaserve_jax.scheduler.budget import (
@@ -131,14 +131,16 @@ class Scheduler:
         self.adaserve_reserve = adaserve_reserve
         self.profile = profile
         self.calibrator = AcceptanceCalibrator()
-        # adaserve: slot -> (raw log f, depth, sibling rank) of the nodes it sent to verify
-        self._sel_log_f: dict[int, tuple[np.ndarray, ...]] = {}
+        # what `_speculate` recorded of the nodes it sent to verify, flat over this step's
+        # trees in `decode` order, for `_commit_trees`: (raw log f, depth, sibling rank) for
+        # the calibrator (adaserve), and whether the draft cache holds each node's K/V
+        self._verify_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._verify_in_cache: np.ndarray | None = None
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
-        # slot -> bool per verified node: the draft already cached its K/V (steps/expand.py);
-        # `reuse_draft_kv=False` ignores it and catches every accepted token up (for tests)
-        self._in_draft_cache: dict[int, np.ndarray] = {}
+        # `reuse_draft_kv=False` ignores the draft cache's K/V of verified nodes
+        # (steps/expand.py) and catches every accepted token up (for tests)
         self.reuse_draft_kv = True
         # adaserve: after a roots-only budget choice the next iterations skip the draft model
         # entirely (plain decoding, no drafting cost); after `_explore_gap` such iterations
@@ -350,11 +352,9 @@ class Scheduler:
         ]
         # every request's selected subtree at once: gather, renumber parents, then split
         lens = np.fromiter((len(x) for x in sels), np.int64, len(sels))
-        rows = np.fromiter((r.slot for r in decode), np.int64, len(decode))
-        row_of = np.repeat(rows, lens)
+        owner, local, starts = ragged_index(lens)
+        row_of = np.fromiter((r.slot for r in decode), np.int64, len(decode))[owner]
         nodes = np.concatenate(sels).astype(np.int64)
-        starts = np.cumsum(lens) - lens
-        local = np.arange(len(nodes)) - np.repeat(starts, lens)
         pos = np.full(trees.parents.shape, -1, np.int64)
         pos[row_of, nodes] = local
         parents = pos[row_of, np.maximum(trees.parents[row_of, nodes], 0)].astype(np.int32)
@@ -362,22 +362,21 @@ class Scheduler:
         parents[starts] = -1  # node 0 of every selection is its root,
         tokens[starts] = [r.pending_token for r in decode]  # holding the pending token
         bounds = np.append(starts, len(nodes)).tolist()
+        self._verify_stats = None
         if adaserve:  # what the calibrator needs to learn from the verification
-            log_f = trees.log_f[row_of, nodes]
-            depth = trees.depth[row_of, nodes]
-            rank = self._rank[row_of, nodes]
-        in_cache = None
-        if trees.in_cache is not None and self.reuse_draft_kv:  # node i's K/V is cached
-            in_cache = trees.in_cache[row_of, nodes]
+            self._verify_stats = (
+                trees.log_f[row_of, nodes],
+                trees.depth[row_of, nodes],
+                self._rank[row_of, nodes],
+            )
+        self._verify_in_cache = None
+        if trees.in_cache is not None and self.reuse_draft_kv:
+            self._verify_in_cache = trees.in_cache[row_of, nodes]
         drafted = trees.tokens.shape[1] - 1
         segs = []
         for i, r in enumerate(decode):
             a, b = bounds[i], bounds[i + 1]
             segs.append(Segment(r.slot, r.cached, tokens[a:b], parents[a:b], r.request.sampling))
-            if adaserve:
-                self._sel_log_f[r.slot] = (log_f[a:b], depth[a:b], rank[a:b])
-            if in_cache is not None:
-                self._in_draft_cache[r.slot] = in_cache[a:b]
             r.stats.drafted += drafted
             r.stats.selected += b - a - 1
         return segs, trees
@@ -454,8 +453,7 @@ class Scheduler:
         n_req = len(decode)
         lens = np.fromiter((len(s) for s in segs), np.int64, n_req)
         width = int(lens.max())
-        row_of = np.repeat(np.arange(n_req), lens)
-        col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        row_of, col, _ = ragged_index(lens)
         parents = np.full((n_req, width), -1, np.int64)
         parents[row_of, col] = np.concatenate([s.parents for s in segs])
         tokens = np.zeros((n_req, width), np.int64)
@@ -465,8 +463,13 @@ class Scheduler:
         acc = accept_paths(parents, tokens, target, lens)
         rows = np.arange(n_req)
         bonus = target[rows, np.where(acc, np.arange(width), 0).max(1)].tolist()
-        if self.policy.kind is PolicyKind.ADASERVE:
-            self._observe_trees(decode, parents, acc, row_of, col)
+        if self._verify_stats is not None:
+            self._observe_trees(parents, acc, row_of, col, *self._verify_stats)
+        in_cache = None
+        if self._verify_in_cache is not None:  # node's K/V already in the draft cache
+            in_cache = np.zeros((n_req, width), bool)
+            in_cache[row_of, col] = self._verify_in_cache
+        self._verify_stats = self._verify_in_cache = None
         path_rows, path_cols = np.nonzero(acc[:, 1:])
         path_cols += 1  # node indices, increasing along each path
         bounds = np.searchsorted(path_rows, np.arange(n_req + 1)).tolist()
@@ -480,12 +483,11 @@ class Scheduler:
                 if node != k:
                     self._moves.append(Move(r.slot, base + node, base + k))
             r.cached += 1 + len(path)
-            in_cache = self._in_draft_cache.pop(r.slot, None)
             if in_cache is not None and r.draft_cached == base + 1:
                 # the draft holds the K/V of the accepted path's leading in-cache nodes at
                 # their committed rows already: its next catch-up starts after them
                 for node in path:
-                    if not in_cache[node]:
+                    if not in_cache[i, node]:
                         break
                     r.draft_cached += 1
             r.stats.steps += 1
@@ -494,15 +496,15 @@ class Scheduler:
             self._emit(r, path_tokens[bounds[i] : bounds[i + 1]] + [bonus[i]], now)
         return total
 
-    def _observe_trees(self, decode, parents, acc, row_of, col) -> None:
+    def _observe_trees(self, parents, acc, row_of, col, *flat: np.ndarray) -> None:
         """AdaServe: every verified edge out of an accepted node, with the raw log f, depth and
-        sibling rank the selection saw, to the acceptance calibrator (one batch)."""
-        picked = [self._sel_log_f.pop(r.slot) for r in decode]
+        sibling rank the selection saw (`flat`: over all trees, laid out by row_of/col), to the
+        acceptance calibrator (one batch)."""
         shape = parents.shape
         fields = []
-        for j, dtype in ((0, np.float64), (1, np.int64), (2, np.int64)):
+        for values, dtype in zip(flat, (np.float64, np.int64, np.int64), strict=True):
             pad = np.zeros(shape, dtype)
-            pad[row_of, col] = np.concatenate([p[j] for p in picked])
+            pad[row_of, col] = values
             fields.append(pad)
         log_f, depth, rank = fields
         rows = np.arange(shape[0])[:, None]

@@ -8,6 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adaserve_jax.engine.batch import ragged_index
 from adaserve_jax.engine.tree import accept_path, accept_paths
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator
 from adaserve_jax.scheduler.loop import Scheduler
@@ -62,15 +63,11 @@ def test_batched_walk_and_observations_match_per_tree(trees):
         if len(par) > 1:
             ref.observe_tree(par, log_f, path, depth, rank)
         trees[i] = (par, tok, tgt, log_f, depth, rank)
-    # the scheduler's batched feed, on a stand-in scheduler holding what selection recorded
-    stub = types.SimpleNamespace(
-        _sel_log_f={slot: (t[3], t[4], t[5]) for slot, t in enumerate(trees)},
-        calibrator=AcceptanceCalibrator(),
-    )
-    decode = [types.SimpleNamespace(slot=slot) for slot in range(len(trees))]
-    row_of = np.repeat(np.arange(len(trees)), lens)
-    col = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    Scheduler._observe_trees(stub, decode, parents, acc, row_of, col)
+    # the scheduler's batched feed, on a stand-in scheduler, with what selection recorded
+    stub = types.SimpleNamespace(calibrator=AcceptanceCalibrator())
+    row_of, col, _ = ragged_index(lens)
+    flat = [np.concatenate([t[k] for t in trees]) for k in (3, 4, 5)]
+    Scheduler._observe_trees(stub, parents, acc, row_of, col, *flat)
     got = [np.concatenate(x) for x in zip(*stub.calibrator._pending, strict=True)]
     want = [np.concatenate(x) for x in zip(*ref._pending, strict=True)] if ref._pending else []
     assert len(got) == len(want)

@@ -231,25 +231,27 @@ def test_adaserve_decodes_without_the_draft_when_speculation_does_not_pay():
     assert accepted > 0 and calls >= iters - 1
 
 
+def _adaserve_decoding(num_slots: int, decoding: int, max_tokens: int, **kw) -> Scheduler:
+    """An adaserve scheduler (budget 64, time = iterations) with `decoding` short requests
+    already decoding."""
+    sched = Scheduler(
+        MockEngine(num_slots=num_slots), policy="adaserve", token_budget=64, prefill_chunk=64,
+        profile=LatencyProfile.cpu_reference(), **kw,
+    )  # fmt: skip
+    sched.clock = lambda s=sched: float(s.iterations)
+    for i in range(decoding):
+        sched.submit(_req(i, prompt_len=4, max_tokens=max_tokens, tpot_slo_ms=1e5))
+    for _ in range(3):
+        sched.step()  # the short prompts are decoding now
+    return sched
+
+
 def test_adaserve_prefill_floor_trades_tree_room_for_ttft():
     """With trees reserved first (floor 0) a long prompt waits behind the decoding requests'
     candidate trees; a prefill floor keeps part of every step for it."""
     first_token_iteration = {}
     for floor in (0, 48):
-        eng = MockEngine(num_slots=4)
-        sched = Scheduler(
-            eng,
-            policy="adaserve",
-            token_budget=64,
-            prefill_chunk=64,
-            prefill_floor=floor,
-            profile=LatencyProfile.cpu_reference(),
-        )
-        sched.clock = lambda s=sched: float(s.iterations)  # time = iterations
-        for i in range(3):
-            sched.submit(_req(i, prompt_len=4, max_tokens=60, tpot_slo_ms=1e5))
-        for _ in range(3):
-            sched.step()  # the three short prompts are decoding now
+        sched = _adaserve_decoding(4, 3, 60, prefill_floor=floor)
         late = sched.submit(_req(9, prompt_len=200, max_tokens=4, tpot_slo_ms=1e5))
         sched.run_until_done()
         assert late.output == _expected(_req(9, prompt_len=200, max_tokens=4))
@@ -264,16 +266,7 @@ def test_adaserve_prefills_requests_with_a_ttft_slo_before_reserving_trees():
     trees (and of other waiting prompts); without one it waits behind the trees (floor 0)."""
 
     def run(ttft, with_other):
-        eng = MockEngine(num_slots=5)
-        sched = Scheduler(
-            eng, policy="adaserve", token_budget=64, prefill_chunk=64,
-            profile=LatencyProfile.cpu_reference(),
-        )  # fmt: skip
-        sched.clock = lambda s=sched: float(s.iterations)  # time = iterations
-        for i in range(3):
-            sched.submit(_req(i, prompt_len=4, max_tokens=60, tpot_slo_ms=1e5))
-        for _ in range(3):
-            sched.step()  # the three short prompts are decoding now
+        sched = _adaserve_decoding(5, 3, 60)
         other = None
         if with_other:
             other = sched.submit(_req(8, prompt_len=200, max_tokens=4, tpot_slo_ms=1e5))
@@ -296,15 +289,7 @@ def test_adaserve_reserve_is_admission_control():
     running requests: a smaller reservation admits the late prompt sooner."""
     first = {}
     for reserve in (64, 1):  # 1: just the candidate trees
-        sched = Scheduler(
-            MockEngine(num_slots=4), policy="adaserve", token_budget=64, prefill_chunk=64,
-            adaserve_reserve=reserve, profile=LatencyProfile.cpu_reference(),
-        )  # fmt: skip
-        sched.clock = lambda s=sched: float(s.iterations)
-        for i in range(2):
-            sched.submit(_req(i, prompt_len=4, max_tokens=40, tpot_slo_ms=1e5))
-        for _ in range(3):
-            sched.step()
+        sched = _adaserve_decoding(4, 2, 40, adaserve_reserve=reserve)
         late = sched.submit(_req(9, prompt_len=40, max_tokens=4, tpot_slo_ms=1e5))
         sched.run_until_done()
         assert late.output == _expected(_req(9, prompt_len=40, max_tokens=4))
