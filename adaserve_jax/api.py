@@ -146,7 +146,9 @@ class Engine:
     def run_profile(self, reprofile: bool = False, progress: bool = True) -> Profile:
         """Load or measure the latency profile; sets `latency_profile` and `baseline_tpot_ms`."""
         draft = self.draft.device if self.draft is not None else None
-        prof, path = load_or_measure(self.target, draft, reprofile=reprofile, progress=progress)
+        prof, path = load_or_measure(
+            self.target, draft, expander=self.draft, reprofile=reprofile, progress=progress
+        )
         self.latency_profile = LatencyProfile.from_tables(prof.verify_ms, prof.draft_ms)
         self.baseline_tpot_ms = prof.baseline_tpot_ms
         self.profile_path = path

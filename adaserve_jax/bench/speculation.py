@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         target, draft, max_batch=max(args.batches), policies=policies, max_len=args.max_len,
         token_buckets=args.token_buckets, ctx_buckets=(args.max_len,),
     )  # fmt: skip
-    prof = measure_profile(engine.target, engine.draft.device, repeats=9)
+    prof = measure_profile(engine.target, engine.draft.device, expander=engine.draft, repeats=9)
     bw = measure_bandwidth_gbs()
     cfg = target.config
     param_bytes = 4 * sum(x.size for x in jax.tree.leaves(target.params))

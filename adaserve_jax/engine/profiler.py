@@ -1,9 +1,11 @@
-"""Start-up latency profile: verify-step latency per token bucket, draft-step latency.
+"""Start-up latency profile: verify-step latency per token bucket, draft-step latency,
+and the draft tree expansion call per warmed tree shape.
 
 Measured on this machine with the engine's own compiled steps (a chain of T tokens
 on top of `context` committed rows; median of `repeats`), then cached as JSON under
 `~/.cache/adaserve_jax/profiles/` keyed by machine + model + buckets, so a restart
-reuses it (`reprofile=True` measures again). Results are plain tables
+reuses it (`reprofile=True` measures again; a cached profile that lacks one of the
+engine's expansion shapes is measured again too). Results are plain tables
 (`Profile`); the Engine turns them into the scheduler's `LatencyProfile` for the
 budget rule (scheduler/budget.py). The baseline TPOT (single-request
 autoregressive time per token at near-zero load) scales the SLO categories.
@@ -21,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from adaserve_jax.engine.batch import Segment
 from adaserve_jax.engine.device import DeviceModel
 
@@ -32,6 +36,9 @@ class Profile:
     verify_ms: dict[int, float]  # verify (target) step latency per token bucket
     draft_ms: dict[int, float] | None  # draft step latency per token bucket
     baseline_tpot_ms: float  # single-request autoregressive step: the baseline TPOT
+    # one draft expansion call (`steps/expand.py`, every slot growing a tree) per tree shape,
+    # keyed "depth,width,topk" (`shape_key`); None = not measured
+    expand_ms: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -39,17 +46,29 @@ class Profile:
             "draft_ms": None
             if self.draft_ms is None
             else {str(k): v for k, v in self.draft_ms.items()},
+            "expand_ms": self.expand_ms,
             "baseline_tpot_ms": self.baseline_tpot_ms,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Profile:
-        draft = data.get("draft_ms")
+        draft, expand = data.get("draft_ms"), data.get("expand_ms")
         return cls(
             {int(k): float(v) for k, v in data["verify_ms"].items()},
             None if draft is None else {int(k): float(v) for k, v in draft.items()},
             float(data["baseline_tpot_ms"]),
+            None if expand is None else {str(k): float(v) for k, v in expand.items()},
         )
+
+
+def shape_key(shape) -> str:
+    """The key of `Profile.expand_ms` for a `TreeShape`: "depth,width,topk"."""
+    return f"{shape.depth},{shape.width},{shape.topk}"
+
+
+def expansion_shapes(expander) -> list:
+    """The expander's (a `DraftDevice`) shapes that make an expansion call (depth > 1)."""
+    return [] if expander is None else [s for s in expander.shapes if s.depth > 1]
 
 
 def _cpu_model() -> str:
@@ -96,15 +115,37 @@ def _monotone(table: dict[int, float]) -> None:
         running = table[t] = min(running, table[t])
 
 
+def _expand_ms(expander, shape, context: int, repeats: int) -> float:
+    """One expansion call with every slot growing a tree of `shape` from row `context`.
+
+    It writes the best path's draft K/V at rows `context + 1 ...` of every slot: call before
+    serving (as the rest of the profile)."""
+    s, k = expander.device.num_slots, shape.topk
+    vals = np.log(np.full((s, k), 1.0 / k, np.float32))
+    toks = np.ones((s, k), np.int32)
+    root_pos = np.full(s, context, np.int32)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        expander.expand(vals, toks, root_pos, shape)  # returns numpy: waits for the device
+        return time.perf_counter() - t0
+
+    once()
+    times = [once() for _ in range(repeats)]
+    return float(statistics.quantiles(times, n=5)[0]) * 1e3 if len(times) >= 5 else min(times) * 1e3
+
+
 def measure_profile(
     target: DeviceModel,
     draft: DeviceModel | None = None,
     *,
+    expander=None,
     context: int = 128,
     repeats: int = 15,
     progress: bool = True,
 ) -> Profile:
-    """Measure the tables. Uses slot 0 of the caches (call before serving)."""
+    """Measure the tables. Uses slot 0 of the caches (call before serving); `expander` (a
+    `DraftDevice`) adds its expansion call per shape, writing draft rows of every slot."""
     from tqdm import tqdm
 
     context = min(context, target.max_len - max(target.token_buckets))
@@ -116,21 +157,29 @@ def measure_profile(
         draft_ms = {}
         for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
             draft_ms[t] = _median_ms(draft, t, context, "topk_last", repeats)
+    expand = None
+    shapes = expansion_shapes(expander)
+    if shapes:
+        expand = {}
+        for shape in tqdm(shapes, desc="profile draft expansion", disable=not progress):
+            expand[shape_key(shape)] = _expand_ms(expander, shape, context, repeats)
     _monotone(verify)
     if draft_ms:
         _monotone(draft_ms)
-    return Profile(verify, draft_ms, verify[min(verify)])
+    return Profile(verify, draft_ms, verify[min(verify)], expand)
 
 
 def load_or_measure(
     target: DeviceModel,
     draft: DeviceModel | None = None,
     *,
+    expander=None,
     cache_dir: str | Path | None = None,
     reprofile: bool = False,
     progress: bool = True,
 ) -> tuple[Profile, Path]:
-    """The cached profile for this machine + model, measuring it when absent."""
+    """The cached profile for this machine + model, measuring it when absent (or when it
+    lacks one of `expander`'s expansion shapes)."""
     cache_dir = Path(
         cache_dir
         or os.environ.get("ADASERVE_JAX_PROFILES")
@@ -139,10 +188,14 @@ def load_or_measure(
     path = cache_dir / f"{profile_key(target, draft)}.json"
     if path.is_file() and not reprofile:
         try:
-            return Profile.from_json(json.loads(path.read_text())), path
+            cached = Profile.from_json(json.loads(path.read_text()))
+            have = cached.expand_ms or {}
+            if all(shape_key(s) in have for s in expansion_shapes(expander)):
+                return cached, path
+            log.info("profile %s lacks expansion shapes: measuring again", path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable profile %s: %s", path, exc)
-    profile = measure_profile(target, draft, progress=progress)
+    profile = measure_profile(target, draft, expander=expander, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile.to_json(), indent=2))

@@ -6,6 +6,9 @@ A profile is a JSON file:
      "verify_ms": {"<tokens>": ms, ...},   # target verify/prefill step, strictly increasing
                                            # token counts, non-decreasing latencies
      "draft_ms": {"<tokens>": ms, ...},    # one draft step (optional; absent = free drafting)
+     "expand_ms": {"<d>,<w>,<k>": ms, ...}, # one draft expansion call of that tree shape
+                                           # (optional; measured by engine/profiler.py; absent
+                                           # shapes cost depth - 1 draft steps)
      "baseline_tpot_ms": float,            # single-request autoregressive TPOT (SLO scale)
      "pad_to_buckets": bool,               # true: a step costs the smallest bucket >= its
                                            # tokens (the real engine pads to compiled buckets);
@@ -47,6 +50,7 @@ class SimProfile:
     pad_to_buckets: bool = False
     expand_rows: str = "active"
     host_ms: float = 0.0
+    expand_ms: dict | None = None  # {(depth, width, topk): ms of one expansion call}
     description: str = ""
     source: str = ""  # file it was read from
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
@@ -83,6 +87,14 @@ class SimProfile:
         """Latency of one draft step carrying `tokens` tokens (0 without a draft table)."""
         return 0.0 if self.draft is None else self._price(self.draft, tokens)
 
+    def expand_call_ms(self, shape, tokens: int) -> float:
+        """One expansion call growing `shape` trees: the measured call when the profile has
+        this shape, else `depth - 1` draft steps over `tokens` (rows x width) tokens."""
+        measured = (self.expand_ms or {}).get((shape.depth, shape.width, shape.topk))
+        if measured is not None:
+            return measured
+        return (shape.depth - 1) * self.draft_ms(tokens)
+
     def latency_profile(self) -> LatencyProfile:
         """The scheduler's budget-rule profile (the same tables the real engine would hand it)."""
         return LatencyProfile(self.verify, self.draft, self.host_ms)
@@ -109,6 +121,24 @@ def _curve(path: Path, data: dict, field: str) -> LatencyCurve:
         raise ProfileError(f"{path}: field {field!r}: {exc}") from None
 
 
+def _expand_table(path: Path, table) -> dict:
+    """{"d,w,k": ms} -> {(d, w, k): ms}; ProfileError naming the field and the entry."""
+    if not isinstance(table, dict):
+        raise ProfileError(f"{path}: field 'expand_ms' must be an object {{\"d,w,k\": ms}}")
+    out = {}
+    for key, ms in table.items():
+        try:
+            shape = tuple(int(x) for x in str(key).split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ProfileError(f"{path}: field 'expand_ms': key {key!r} is not 'depth,width,topk'")
+        if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
+            raise ProfileError(f"{path}: field 'expand_ms'[{key!r}] = {ms!r} is not a number >= 0")
+        out[shape] = float(ms)
+    return out
+
+
 def load_profile_file(path: str | Path) -> SimProfile:
     """Read and validate a profile JSON; ProfileError naming the file and the field."""
     path = Path(path)
@@ -126,6 +156,8 @@ def load_profile_file(path: str | Path) -> SimProfile:
     verify = _curve(path, data, "verify_ms")
     draft = _curve(path, data, "draft_ms") if data.get("draft_ms") is not None else None
     kwargs = {}
+    if data.get("expand_ms") is not None:
+        kwargs["expand_ms"] = _expand_table(path, data["expand_ms"])
     for field, kind in (
         ("baseline_tpot_ms", float),
         ("host_ms", float),
@@ -180,6 +212,7 @@ def profile_from_engine_cache(path: str | Path, **meta) -> dict:
         "description": meta.pop("description", ""),
         "verify_ms": data["verify_ms"],
         "draft_ms": data.get("draft_ms"),
+        "expand_ms": data.get("expand_ms"),
         "baseline_tpot_ms": data["baseline_tpot_ms"],
         "pad_to_buckets": True,
         "expand_rows": "all",

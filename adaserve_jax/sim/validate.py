@@ -35,6 +35,7 @@ def _bench_profile(settings: dict, host_ms: float = 0.0):
         "name": "bench",
         "verify_ms": prof["verify_ms"],
         "draft_ms": prof.get("draft_ms"),
+        "expand_ms": prof.get("expand_ms"),
         "baseline_tpot_ms": prof["baseline_tpot_ms"],
         "pad_to_buckets": True,
         "expand_rows": "all",

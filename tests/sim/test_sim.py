@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,26 @@ def test_speculative_step_time_is_verify_plus_draft(cal):
     assert step.seconds == pytest.approx(want / 1e3, rel=1e-9)
 
 
+def test_measured_expansion_call_prices_the_expansion(tmp_path, cal):
+    """A profile with the real engine's measured expansion call (engine/profiler.py) prices
+    that tree shape's expansion by it instead of depth - 1 draft steps."""
+    data = json.loads(Path(paper_profile().source).read_text())
+    data["expand_ms"] = {"3,2,2": 7.25}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    prof = load_profile_file(path)
+    clock = VirtualClock()
+    eng = SimEngine(prof, cal, num_slots=4, max_len=256, clock=clock)
+    sched = Scheduler(eng, policy="tree:3,2", token_budget=128, clock=clock)
+    for i in range(3):
+        sched.submit(Request(f"r{i}", (1,) * 12, 16))
+    sched.run_until_done()
+    step = next(r for r in sched.step_log if r.decode_requests == 3)
+    want = prof.verify_ms(step.tokens) + prof.draft_ms(3) + 7.25
+    assert step.seconds == pytest.approx(want / 1e3, rel=1e-9)
+    assert prof.draft_ms(6) * 2 != pytest.approx(7.25)  # the test tells the two prices apart
+
+
 def test_acceptance_matches_calibration(cal):
     """Recording the simulator with the real-pair recorder recovers the calibration."""
     got = record_simulated(cal, depth=3, topk=2, requests=32, max_tokens=160, seed=1)
@@ -186,6 +207,9 @@ def test_unknown_profile_name():
         ({"verify_ms": {"1": 3}, "draft_ms": {"4": 2, "2": 3}, "baseline_tpot_ms": 1}, "draft_ms"),
         ({"verify_ms": {"1": 3}, "baseline_tpot_ms": "fast"}, "baseline_tpot_ms"),
         ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_rows": "some"}, "expand_rows"),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2": 4}}, "expand_ms"),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2,2": -1}}, "expand_ms"),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": [4]}, "expand_ms"),
     ],
 )
 def test_malformed_profile(tmp_path, data, field):

@@ -1,0 +1,56 @@
+"""The start-up latency profile: tables, the expansion call per shape, the JSON cache."""
+
+import json
+
+import pytest
+from conftest import TINY_BUCKETS
+
+from adaserve_jax import Engine
+from adaserve_jax.engine.profiler import Profile, load_or_measure, shape_key
+
+
+@pytest.fixture(scope="module")
+def spec_engine(tiny_model):
+    kw = dict(max_batch=3, progress=False, policies=("spec:2", "tree:3,2"), **TINY_BUCKETS)
+    return Engine(tiny_model, tiny_model, **kw)
+
+
+def test_profile_measures_every_expansion_shape_and_caches_it(spec_engine, tmp_path):
+    draft = spec_engine.draft
+    prof, path = load_or_measure(
+        spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
+    )
+    keys = {shape_key(s) for s in draft.shapes if s.depth > 1}
+    assert keys == {"2,1,1", "3,2,2"}
+    assert set(prof.expand_ms) == keys and all(ms > 0 for ms in prof.expand_ms.values())
+    assert set(prof.verify_ms) == set(spec_engine.target.token_buckets)
+    assert Profile.from_json(json.loads(path.read_text())) == prof
+
+    # cached: the same file is read back, nothing is measured again
+    again, path2 = load_or_measure(
+        spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
+    )
+    assert path2 == path and again == prof
+
+    # a cached profile without the expansion shapes (written before they were profiled) is
+    # measured again rather than used with free expansions
+    data = json.loads(path.read_text())
+    data["expand_ms"] = {"2,1,1": 1.0}
+    path.write_text(json.dumps(data))
+    fresh, _ = load_or_measure(
+        spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
+    )
+    assert set(fresh.expand_ms) == keys
+    assert set(json.loads(path.read_text())["expand_ms"]) == keys
+
+
+def test_engine_profile_has_expansion_for_its_policies(spec_engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASERVE_JAX_PROFILES", str(tmp_path))
+    prof = spec_engine.run_profile(progress=False)
+    assert set(prof.expand_ms) == {"2,1,1", "3,2,2"}
+    assert spec_engine.profile_path.parent == tmp_path
+    # still lossless afterwards: profiling wrote draft rows, not committed target state
+    prompts = [[1, 2, 3, 4], [9, 8, 7]]
+    ref = spec_engine.generate(prompts, max_tokens=8)
+    out = spec_engine.generate(prompts, max_tokens=8, policy="spec:2")
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
