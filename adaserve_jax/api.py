@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -131,6 +132,10 @@ class Engine:
         if max_batch > token_budget:
             raise ValueError(f"{max_batch=} exceeds {token_budget=}: every request needs its root")
         self.latency_profile: LatencyProfile | None = None
+        # wall seconds inside device calls (forward, draft_step, expand: host batch building,
+        # the jitted call and reading its outputs back); the rest of an iteration is scheduler
+        # Python, which the benchmarks report as host time per iteration
+        self.device_seconds = 0.0
         # Multi-host: process 0 drives every device call, the others replay it (engine/mesh.py).
         self.mirror = attach_mirror(self.target, self.draft)
         if self.mirror is not None and not self.mirror.primary:
@@ -174,14 +179,22 @@ class Engine:
     def forward(
         self, segments: list[Segment], moves: Sequence[Move] = ()
     ) -> tuple[np.ndarray, tuple[int, ...]]:
+        t0 = time.perf_counter()
         sampled, batch = self.target.run(segments, head="sample", moves=moves)
+        self.device_seconds += time.perf_counter() - t0
         return sampled, batch.offsets
 
     def draft_step(self, segments: list[Segment]):
-        return self.draft.step(segments)
+        t0 = time.perf_counter()
+        out = self.draft.step(segments)
+        self.device_seconds += time.perf_counter() - t0
+        return out
 
     def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
-        return self.draft.expand(root_vals, root_toks, root_pos, shape)
+        t0 = time.perf_counter()
+        trees = self.draft.expand(root_vals, root_toks, root_pos, shape)
+        self.device_seconds += time.perf_counter() - t0
+        return trees
 
     # ---- public ----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

@@ -131,6 +131,7 @@ def replay(
 
     sched = engine._scheduler(policy, on_finish=on_finish)
     clock = sched.clock
+    device_s0 = getattr(engine, "device_seconds", None)
     states: list[RequestState] = []
     t0 = clock()
     nxt = 0
@@ -166,6 +167,11 @@ def replay(
         else 0.0
     )
     summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
+    # scheduler Python per iteration: iteration wall time outside the engine's device calls
+    summary["host_ms_per_iteration"] = None
+    if device_s0 is not None and log:
+        host_s = sum(r.seconds for r in log) - (engine.device_seconds - device_s0)
+        summary["host_ms_per_iteration"] = 1e3 * host_s / len(log)
     return ReplayRun(policy, summary, states)
 
 

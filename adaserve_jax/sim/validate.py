@@ -1,7 +1,8 @@
 """Validate the simulator against a real bench run: same trace, load, sizing and policies.
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
-        [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
+        [--host-ms MS|measured] [--tokenizer checkpoints/tokenizer.json] [--calibration FILE]
+        [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
 workload (first `num_requests` arrivals, `max_output_len`, prompts tokenized and truncated
@@ -10,6 +11,9 @@ the simulated engine, and prints the gap in attainment (percentage points) and g
 per policy and load. `--profile bench` (the default) uses the latency profile the real run
 recorded in its settings, so the comparison isolates the simulator's model of acceptance and
 scheduling from profile drift; `--profile local` uses the shipped local profile.
+`--host-ms measured` adds to every simulated iteration the scheduler Python the real run
+measured for that policy and load (`host_ms_per_iteration`, iteration wall time outside the
+engine's device calls), instead of one constant for every policy.
 """
 
 from __future__ import annotations
@@ -55,16 +59,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3, help="simulator seeds averaged")
     ap.add_argument(
         "--host-ms",
-        type=float,
-        default=0.0,
-        help="host time per iteration added to the bench profile (the real engine's Python)",
+        default="0",
+        help="host time per iteration added to the bench profile (the real engine's Python): "
+        "ms, or 'measured' = each real run's own `host_ms_per_iteration`",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     real = json.loads(Path(args.bench_json).read_text())
     st = real["settings"]
+    measured_host = args.host_ms == "measured"
+    if measured_host and args.profile != "bench":
+        ap.error("--host-ms measured needs --profile bench")
+    try:
+        host_ms = 0.0 if measured_host else float(args.host_ms)
+    except ValueError:
+        ap.error(f"--host-ms {args.host_ms!r}: expected a number of ms or 'measured'")
     if args.profile == "bench":
-        profile = _bench_profile(st, args.host_ms)
+        profile = _bench_profile(st, host_ms)
     else:
         profile = load_profile(args.profile)
     baseline = real["baseline_tpot_ms"]
@@ -86,6 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     for point in real["sweep"]:
         arrivals = arrival_times_s(entries, baseline, point["time_scale"])
         for policy, rs in point["policies"].items():
+            if measured_host:
+                if rs.get("host_ms_per_iteration") is None:
+                    raise SystemExit(
+                        f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
+                        "no host_ms_per_iteration (re-run the bench)"
+                    )
+                profile = _bench_profile(st, rs["host_ms_per_iteration"])
             sims = []
             for seed in range(args.seeds):
                 settings = SimSettings(
@@ -101,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {
                 "policy": policy,
                 "time_scale": point["time_scale"],
+                "sim_host_ms": profile.host_ms,
                 "real_attainment": rs["attainment"],
                 "sim_attainment": att,
                 "attainment_gap_pp": 100 * (att - rs["attainment"]),
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "bench_json": args.bench_json,
         "profile": profile.name,
-        "host_ms": profile.host_ms,
+        "host_ms": "measured" if measured_host else profile.host_ms,
         "calibration": cal.path,
         "rows": rows,
     }

@@ -92,6 +92,11 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
             assert isinstance(c["attainment"], float) and c["requests"] == 2
         assert p["output_tokens"] == 6 * 12  # no EOS in the tiny model
         assert p["ttft_p50_ms"] is not None and p["tpot_p99_ms"] is not None
+        # scheduler Python per iteration: positive, and a fraction of the whole iteration
+        iteration_ms = 1e3 * p["wall_s"] / p["iterations"]
+        assert 0.0 < p["host_ms_per_iteration"] < iteration_ms, name
+    # the recorded profile prices the adaserve expansion call for the simulator's validation
+    assert list(result["settings"]["latency_profile"]["expand_ms"]) == ["4,1,2"]
     assert result["policies"]["autoregressive"]["mean_accepted_per_step"] == 1.0
     assert result["policies"]["adaserve"]["mean_accepted_per_step"] >= 1.0
     assert "attainment" in capsys.readouterr().out

@@ -1,0 +1,79 @@
+"""The simulator's validation against a (here synthetic) real bench run's JSON."""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_sim import make_calibration, write_trace
+
+from adaserve_jax.sim.validate import main as validate_main
+
+PROFILE = {
+    "verify_ms": {"1": 4.0, "4": 6.0, "16": 9.0, "64": 20.0},
+    "draft_ms": {"1": 1.0, "4": 1.2, "16": 1.5, "64": 3.0},
+    "expand_ms": {"2,1,1": 2.5},
+    "baseline_tpot_ms": 4.0,
+}
+
+
+def bench_json(tmp_path: Path, host_ms: dict) -> Path:
+    trace = write_trace(tmp_path / "trace.json", n=6)
+    policies = {
+        name: {
+            "attainment": 0.5,
+            "goodput_tokens_per_s": 100.0,
+            "mean_accepted_per_step": 1.5,
+            "wall_s": 1.0,
+            "tpot_p50_ms": 5.0,
+            "host_ms_per_iteration": ms,
+        }
+        for name, ms in host_ms.items()
+    }
+    data = {
+        "baseline_tpot_ms": 4.0,
+        "settings": {
+            "workload": str(trace),
+            "num_requests": 6,
+            "max_output_len": 8,
+            "max_prompt_len": 32,
+            "max_len": 256,
+            "max_batch": 4,
+            "token_budget": 64,
+            "latency_profile": PROFILE,
+        },  # fmt: skip
+        "sweep": [{"time_scale": 2.0, "policies": policies}],
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def cal_file(tmp_path):
+    path = tmp_path / "cal.json"
+    make_calibration().save(path)
+    return str(path)
+
+
+def run(path, cal_file, *extra):
+    return validate_main([str(path), "--calibration", cal_file, "--seeds", "1", *extra])
+
+
+def test_measured_host_time_per_policy(tmp_path, cal_file):
+    path = bench_json(tmp_path, {"autoregressive": 0.4, "spec:2": 2.5})
+    out = run(path, cal_file, "--host-ms", "measured")
+    assert out["host_ms"] == "measured"
+    rows = {r["policy"]: r for r in out["rows"]}
+    assert rows["autoregressive"]["sim_host_ms"] == 0.4
+    assert rows["spec:2"]["sim_host_ms"] == 2.5
+    # the host term is paid every iteration: more of it, more simulated time per token
+    flat = {r["policy"]: r for r in run(path, cal_file, "--host-ms", "0")["rows"]}
+    assert rows["spec:2"]["sim_tpot_p50_ms"] > flat["spec:2"]["sim_tpot_p50_ms"]
+
+
+def test_measured_host_time_missing_or_bad(tmp_path, cal_file):
+    path = bench_json(tmp_path, {"autoregressive": None})
+    with pytest.raises(SystemExit, match="host_ms_per_iteration"):
+        run(path, cal_file, "--host-ms", "measured")
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--host-ms", "lots")
