@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-len", type=int, default=256, help="KV rows per slot")
     ap.add_argument("--token-buckets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument(
+        "--ctx-buckets",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="context buckets (max-len is always one): a step attends to the smallest that fits",
+    )
+    ap.add_argument(
         "--repeats", type=int, default=3, help="interleaved rounds over all policies; medians"
     )
     ap.add_argument("--json", default=None)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     target, draft = load_model(args.target), load_model(args.draft)
     engine = Engine(
         target, draft, max_batch=max(args.batches), policies=policies, max_len=args.max_len,
-        token_buckets=args.token_buckets, ctx_buckets=(args.max_len,),
+        token_buckets=args.token_buckets, ctx_buckets=(*args.ctx_buckets, args.max_len),
     )  # fmt: skip
     prof = measure_profile(engine.target, engine.draft.device, expander=engine.draft, repeats=9)
     bw = measure_bandwidth_gbs()
@@ -120,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
         "draft": args.draft,
         "max_tokens": args.max_tokens,
         "max_prompt_len": args.max_prompt_len,
+        "ctx_buckets": list(engine.target.ctx_buckets),
         "repeats": args.repeats,
         "bandwidth_gbs": bw,
         "verify_ms": prof.verify_ms,
         "draft_ms": prof.draft_ms,
+        "expand_ms": prof.expand_ms,
         "memory_floor_ms": floor,
         "batches": {},
     }

@@ -174,7 +174,7 @@ def shard_attention(attention: Callable, mesh: Mesh | None) -> Callable:
 
 # ------------------------------------------------------------------- multi-host serving
 
-HEADER = 6  # i32: (key, four call-specific ints, 0); key STOP ends `follow`
+HEADER = 6  # i32: (key, up to five call-specific ints); key STOP ends `follow`
 STOP = -1
 _TARGET_STEP, _DRAFT_STEP, _DRAFT_EXPAND = 0, 1, 2
 
@@ -263,25 +263,27 @@ def attach_mirror(target: Any, draft: Any | None) -> StepMirror | None:
     attach_flat(_TARGET_STEP, target)
     if draft is not None:
         attach_flat(_DRAFT_STEP, draft.device)
-        s = draft.device.num_slots
 
-        def template(ints):
-            k = ints[2]
+        def template(ints):  # ints: depth, width, topk, ctx, rows
+            k, r = ints[2], ints[4]
             return {
-                "vals": np.zeros((s, k), np.float32),
-                "toks": np.zeros((s, k), np.int32),
-                "root_pos": np.zeros(s, np.int32),
+                "vals": np.zeros((r, k), np.float32),
+                "toks": np.zeros((r, k), np.int32),
+                "slots": np.zeros(r, np.int32),
+                "root_pos": np.zeros(r, np.int32),
             }
 
         def run(ints, a):
-            draft._call_expand(a["vals"], a["toks"], a["root_pos"], TreeShape(*ints[:3]), ints[3])
+            shape = TreeShape(*ints[:3])
+            draft._call_expand(a["vals"], a["toks"], a["slots"], a["root_pos"], shape, ints[3])
 
         publish = mirror.register(_DRAFT_EXPAND, template, run)
-        draft.mirror = lambda vals, toks, root_pos, shape, ctx: publish(
-            (shape.depth, shape.width, shape.topk, ctx),
+        draft.mirror = lambda vals, toks, slots, root_pos, shape, ctx: publish(
+            (shape.depth, shape.width, shape.topk, ctx, len(slots)),
             {
                 "vals": np.asarray(vals, np.float32),
                 "toks": np.asarray(toks, np.int32),
+                "slots": np.asarray(slots, np.int32),
                 "root_pos": np.asarray(root_pos, np.int32),
             },
         )

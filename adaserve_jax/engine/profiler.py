@@ -1,5 +1,5 @@
 """Start-up latency profile: verify-step latency per token bucket, draft-step latency,
-and the draft tree expansion call per warmed tree shape.
+and the draft tree expansion call per warmed tree shape and row bucket.
 
 Measured on this machine with the engine's own compiled steps (a chain of T tokens
 on top of `context` committed rows; median of `repeats`), then cached as JSON under
@@ -36,9 +36,9 @@ class Profile:
     verify_ms: dict[int, float]  # verify (target) step latency per token bucket
     draft_ms: dict[int, float] | None  # draft step latency per token bucket
     baseline_tpot_ms: float  # single-request autoregressive step: the baseline TPOT
-    # one draft expansion call (`steps/expand.py`, every slot growing a tree) per tree shape,
-    # keyed "depth,width,topk" (`shape_key`); None = not measured
-    expand_ms: dict[str, float] | None = None
+    # one draft expansion call (`steps/expand.py`) per tree shape, keyed "depth,width,topk"
+    # (`shape_key`), then per compiled row bucket (rows growing a tree); None = not measured
+    expand_ms: dict[str, dict[int, float]] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -46,7 +46,9 @@ class Profile:
             "draft_ms": None
             if self.draft_ms is None
             else {str(k): v for k, v in self.draft_ms.items()},
-            "expand_ms": self.expand_ms,
+            "expand_ms": None
+            if self.expand_ms is None
+            else {k: {str(r): ms for r, ms in rows.items()} for k, rows in self.expand_ms.items()},
             "baseline_tpot_ms": self.baseline_tpot_ms,
         }
 
@@ -57,7 +59,11 @@ class Profile:
             {int(k): float(v) for k, v in data["verify_ms"].items()},
             None if draft is None else {int(k): float(v) for k, v in draft.items()},
             float(data["baseline_tpot_ms"]),
-            None if expand is None else {str(k): float(v) for k, v in expand.items()},
+            None
+            if expand is None
+            else {
+                str(k): {int(r): float(ms) for r, ms in rows.items()} for k, rows in expand.items()
+            },
         )
 
 
@@ -115,15 +121,15 @@ def _monotone(table: dict[int, float]) -> None:
         running = table[t] = min(running, table[t])
 
 
-def _expand_ms(expander, shape, context: int, repeats: int) -> float:
-    """One expansion call with every slot growing a tree of `shape` from row `context`.
+def _expand_ms(expander, shape, rows: int, context: int, repeats: int) -> float:
+    """One expansion call with `rows` slots growing a tree of `shape` from row `context`.
 
-    It writes the best path's draft K/V at rows `context + 1 ...` of every slot: call before
+    It writes the best path's draft K/V at rows `context + 1 ...` of those slots: call before
     serving (as the rest of the profile)."""
     s, k = expander.device.num_slots, shape.topk
     vals = np.log(np.full((s, k), 1.0 / k, np.float32))
     toks = np.ones((s, k), np.int32)
-    root_pos = np.full(s, context, np.int32)
+    root_pos = np.where(np.arange(s) < rows, context, -1).astype(np.int32)
 
     def once() -> float:
         t0 = time.perf_counter()
@@ -145,7 +151,8 @@ def measure_profile(
     progress: bool = True,
 ) -> Profile:
     """Measure the tables. Uses slot 0 of the caches (call before serving); `expander` (a
-    `DraftDevice`) adds its expansion call per shape, writing draft rows of every slot."""
+    `DraftDevice`) adds its expansion call per shape and row bucket, writing draft rows of
+    its slots."""
     from tqdm import tqdm
 
     context = min(context, target.max_len - max(target.token_buckets))
@@ -161,8 +168,11 @@ def measure_profile(
     shapes = expansion_shapes(expander)
     if shapes:
         expand = {}
-        for shape in tqdm(shapes, desc="profile draft expansion", disable=not progress):
-            expand[shape_key(shape)] = _expand_ms(expander, shape, context, repeats)
+        combos = [(sh, r) for sh in shapes for r in expander.row_buckets]
+        for shape, r in tqdm(combos, desc="profile draft expansion", disable=not progress):
+            expand.setdefault(shape_key(shape), {})[r] = _expand_ms(
+                expander, shape, r, context, repeats
+            )
     _monotone(verify)
     if draft_ms:
         _monotone(draft_ms)
@@ -190,7 +200,8 @@ def load_or_measure(
         try:
             cached = Profile.from_json(json.loads(path.read_text()))
             have = cached.expand_ms or {}
-            if all(shape_key(s) in have for s in expansion_shapes(expander)):
+            rows = set(expander.row_buckets) if expander is not None else set()
+            if all(rows <= set(have.get(shape_key(s), ())) for s in expansion_shapes(expander)):
                 return cached, path
             log.info("profile %s lacks expansion shapes: measuring again", path)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -7,9 +7,10 @@ device work is replaced:
 - **Time.** Every call advances a `VirtualClock` (the scheduler's `clock`) by the profile's
   latency: `forward` by the verify latency of its total token count (prefill chunks and trees
   share one step, as in the real engine), `draft_step` by one draft step over its tokens, and
-  `expand` by the profile's measured expansion call of that tree shape, or, without one,
-  by `depth - 1` draft steps over `rows * width` tokens (the real expansion runs depth-1
-  from the draft step's top-k and one draft step per further depth, in one call).
+  `expand` by the profile's measured expansion call of that tree shape over the smallest
+  row bucket holding the decoding requests (the real engine expands only those), or,
+  without one, by `depth - 1` draft steps over `rows * width` tokens (the real expansion
+  runs depth-1 from the draft step's top-k and one draft step per further depth, in one call).
 - **Draft trees.** `expand` lays trees out exactly as steps/expand.py does (node 0 the root,
   nodes 1..k the depth-1 candidates, then `w * k` per depth, children of the previous depth's
   top-`w` frontier by `log f`, ties to the lower index). The draft's conditional
@@ -148,7 +149,7 @@ class SimEngine:
         a = active.size
         rows_paid = a if self.profile.expand_rows == "active" else s
         if depth > 1:
-            step_s = self.profile.expand_call_ms(shape, rows_paid * w) / 1e3
+            step_s = self.profile.expand_call_ms(shape, a, rows_paid * w) / 1e3
             self.clock.advance(step_s)
             self.draft_seconds += step_s
 

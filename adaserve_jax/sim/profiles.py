@@ -6,16 +6,20 @@ A profile is a JSON file:
      "verify_ms": {"<tokens>": ms, ...},   # target verify/prefill step, strictly increasing
                                            # token counts, non-decreasing latencies
      "draft_ms": {"<tokens>": ms, ...},    # one draft step (optional; absent = free drafting)
-     "expand_ms": {"<d>,<w>,<k>": ms, ...}, # one draft expansion call of that tree shape
-                                           # (optional; measured by engine/profiler.py; absent
-                                           # shapes cost depth - 1 draft steps)
+     "expand_ms": {"<d>,<w>,<k>": {"<rows>": ms, ...}, ...},
+                                           # one draft expansion call of that tree shape over a
+                                           # row bucket (optional; measured by
+                                           # engine/profiler.py; a call pays for the smallest
+                                           # bucket >= its requests; absent shapes cost
+                                           # depth - 1 draft steps)
      "baseline_tpot_ms": float,            # single-request autoregressive TPOT (SLO scale)
      "pad_to_buckets": bool,               # true: a step costs the smallest bucket >= its
                                            # tokens (the real engine pads to compiled buckets);
                                            # false: linear interpolation between points
-     "expand_rows": "active" | "all",      # rows a draft expansion step pays for: the running
-                                           # requests, or every KV slot (the real JAX engine
-                                           # expands all slots)
+     "expand_rows": "active" | "all",      # without expand_ms: rows a draft expansion step
+                                           # pays for, the running requests or every KV slot
+                                           # (the real JAX engine expanded every slot until
+                                           # 2026-11-24; it now expands a row bucket)
      "host_ms": float}                     # fixed host cost added to every iteration
 
 Shipped profiles live in `profiles/<name>.json`: `paper-llama70b` (the AdaServe paper's
@@ -50,7 +54,7 @@ class SimProfile:
     pad_to_buckets: bool = False
     expand_rows: str = "active"
     host_ms: float = 0.0
-    expand_ms: dict | None = None  # {(depth, width, topk): ms of one expansion call}
+    expand_ms: dict | None = None  # {(depth, width, topk): ((rows, ...), (ms, ...))}
     description: str = ""
     source: str = ""  # file it was read from
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
@@ -87,12 +91,14 @@ class SimProfile:
         """Latency of one draft step carrying `tokens` tokens (0 without a draft table)."""
         return 0.0 if self.draft is None else self._price(self.draft, tokens)
 
-    def expand_call_ms(self, shape, tokens: int) -> float:
-        """One expansion call growing `shape` trees: the measured call when the profile has
+    def expand_call_ms(self, shape, active: int, tokens: int) -> float:
+        """One expansion call growing `shape` trees for `active` requests: the measured call
+        of the smallest row bucket >= `active` (the largest past it) when the profile has
         this shape, else `depth - 1` draft steps over `tokens` (rows x width) tokens."""
-        measured = (self.expand_ms or {}).get((shape.depth, shape.width, shape.topk))
-        if measured is not None:
-            return measured
+        table = (self.expand_ms or {}).get((shape.depth, shape.width, shape.topk))
+        if table is not None:
+            rows, ms = table
+            return ms[min(int(np.searchsorted(rows, active)), len(rows) - 1)]
         return (shape.depth - 1) * self.draft_ms(tokens)
 
     def latency_profile(self) -> LatencyProfile:
@@ -122,20 +128,36 @@ def _curve(path: Path, data: dict, field: str) -> LatencyCurve:
 
 
 def _expand_table(path: Path, table) -> dict:
-    """{"d,w,k": ms} -> {(d, w, k): ms}; ProfileError naming the field and the entry."""
+    """{"d,w,k": {"rows": ms}} -> {(d, w, k): (rows, ms)} sorted by rows; ProfileError naming
+    the field and the entry."""
+    field = "expand_ms"
     if not isinstance(table, dict):
-        raise ProfileError(f"{path}: field 'expand_ms' must be an object {{\"d,w,k\": ms}}")
+        raise ProfileError(f'{path}: field {field!r} must be an object {{"d,w,k": {{rows: ms}}}}')
     out = {}
-    for key, ms in table.items():
+    for key, rows in table.items():
         try:
             shape = tuple(int(x) for x in str(key).split(","))
         except ValueError:
             shape = ()
         if len(shape) != 3 or min(shape) < 1:
-            raise ProfileError(f"{path}: field 'expand_ms': key {key!r} is not 'depth,width,topk'")
-        if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
-            raise ProfileError(f"{path}: field 'expand_ms'[{key!r}] = {ms!r} is not a number >= 0")
-        out[shape] = float(ms)
+            raise ProfileError(f"{path}: field {field!r}: key {key!r} is not 'depth,width,topk'")
+        if not isinstance(rows, dict) or not rows:
+            raise ProfileError(f"{path}: field {field!r}[{key!r}] must be a {{rows: ms}} object")
+        parsed = {}
+        for r, ms in rows.items():
+            try:
+                n = int(r)
+            except (TypeError, ValueError):
+                n = 0
+            if n < 1:
+                raise ProfileError(f"{path}: field {field!r}[{key!r}]: {r!r} is not a row count")
+            if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
+                raise ProfileError(
+                    f"{path}: field {field!r}[{key!r}][{r!r}] = {ms!r} is not a number >= 0"
+                )
+            parsed[n] = float(ms)
+        order = sorted(parsed)
+        out[shape] = (tuple(order), tuple(parsed[n] for n in order))
     return out
 
 

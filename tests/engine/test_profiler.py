@@ -21,8 +21,10 @@ def test_profile_measures_every_expansion_shape_and_caches_it(spec_engine, tmp_p
         spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
     )
     keys = {shape_key(s) for s in draft.shapes if s.depth > 1}
-    assert keys == {"2,1,1", "3,2,2"}
-    assert set(prof.expand_ms) == keys and all(ms > 0 for ms in prof.expand_ms.values())
+    assert keys == {"2,1,1", "3,2,2"} and draft.row_buckets == (1, 3)
+    assert set(prof.expand_ms) == keys
+    for rows in prof.expand_ms.values():
+        assert set(rows) == {1, 3} and all(ms > 0 for ms in rows.values())
     assert set(prof.verify_ms) == set(spec_engine.target.token_buckets)
     assert Profile.from_json(json.loads(path.read_text())) == prof
 
@@ -35,19 +37,20 @@ def test_profile_measures_every_expansion_shape_and_caches_it(spec_engine, tmp_p
     # a cached profile without the expansion shapes (written before they were profiled) is
     # measured again rather than used with free expansions
     data = json.loads(path.read_text())
-    data["expand_ms"] = {"2,1,1": 1.0}
-    path.write_text(json.dumps(data))
-    fresh, _ = load_or_measure(
-        spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
-    )
-    assert set(fresh.expand_ms) == keys
-    assert set(json.loads(path.read_text())["expand_ms"]) == keys
+    for stale in ({"2,1,1": {"1": 1.0, "3": 1.0}}, {"2,1,1": {"3": 1.0}, "3,2,2": {"3": 1.0}}):
+        data["expand_ms"] = stale
+        path.write_text(json.dumps(data))
+        fresh, _ = load_or_measure(
+            spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
+        )
+        assert {k: set(v) for k, v in fresh.expand_ms.items()} == {k: {1, 3} for k in keys}
+        assert fresh.expand_ms["2,1,1"][3] != 1.0
 
 
 def test_engine_profile_has_expansion_for_its_policies(spec_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("ADASERVE_JAX_PROFILES", str(tmp_path))
     prof = spec_engine.run_profile(progress=False)
-    assert set(prof.expand_ms) == {"2,1,1", "3,2,2"}
+    assert {k: set(v) for k, v in prof.expand_ms.items()} == {"2,1,1": {1, 3}, "3,2,2": {1, 3}}
     assert spec_engine.profile_path.parent == tmp_path
     # still lossless afterwards: profiling wrote draft rows, not committed target state
     prompts = [[1, 2, 3, 4], [9, 8, 7]]

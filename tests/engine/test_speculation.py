@@ -180,3 +180,48 @@ def test_topk_last_head_matches_topk_at_each_slots_last_token(tiny_model):
         np.testing.assert_allclose(last_vals[seg.slot], vals[off + len(seg) - 1], atol=1e-5)
         np.testing.assert_array_equal(last_idx[seg.slot], idx[off + len(seg) - 1])
     assert not last_vals[1].any() and not last_idx[1].any()  # slot 1 had no tokens
+
+
+def test_expansion_over_decoding_rows_only_matches_all_slots(tiny_model):
+    """The expansion runs over the decoding slots padded to a row bucket: a slot's tree and
+    the draft rows it writes are those of an expansion over every slot, idle slots' rows are
+    left alone, and no row bucket compiles while serving."""
+    from adaserve_jax.engine.speculation import DraftDevice
+    from adaserve_jax.engine.tree import TreeShape
+
+    shape = TreeShape(3, 2, 2)
+    dd = DraftDevice(tiny_model, num_slots=8, max_len=256, shapes=[shape], **TINY_BUCKETS)
+    dd.warmup(progress=False)
+    assert dd.row_buckets == (1, 4, 8)
+    compiled = dd.compile_count()
+    rng = np.random.default_rng(3)
+    ctx = [int(n) for n in rng.integers(3, 40, 8)]
+    for s, n in enumerate(ctx):
+        dd.step([Segment.chain(s, 0, rng.integers(0, 256, n))])
+    vals, toks, _ = dd.step([Segment.chain(s, ctx[s], [int(s) + 1]) for s in range(8)])
+    roots_v, roots_t = vals[:, :2], toks[:, :2]
+    pos = np.asarray(ctx, np.int32)
+
+    def cache_rows(slot):
+        k, _ = dd.device._caches[0]
+        return np.asarray(k[slot, pos[slot] + 1 : pos[slot] + 3])
+
+    every = dd.expand(roots_v, roots_t, pos, shape)
+    written = {s: cache_rows(s) for s in range(8)}
+    for live in ([5], [0, 2, 7], [1, 2, 3, 4, 6]):  # row buckets 1, 4, 8
+        idle = [s for s in range(8) if s not in live]
+        k0, v0 = dd.device._caches[0]
+        for s in idle:  # zero idle slots' rows: the call must not write them
+            k0 = k0.at[s, pos[s] + 1 : pos[s] + 3].set(0.0)
+        dd.device._caches[0] = (k0, v0)
+        sub = dd.expand(roots_v, roots_t, np.where(np.isin(np.arange(8), live), pos, -1), shape)
+        for s in live:
+            np.testing.assert_array_equal(sub.tokens[s], every.tokens[s])
+            np.testing.assert_array_equal(sub.parents[s], every.parents[s])
+            np.testing.assert_allclose(sub.log_f[s], every.log_f[s], atol=1e-5)
+            np.testing.assert_array_equal(sub.in_cache[s], every.in_cache[s])
+            np.testing.assert_allclose(cache_rows(s), written[s], atol=1e-5)
+        for s in idle:
+            assert not cache_rows(s).any()
+            assert not sub.in_cache[s].any()
+    assert dd.compile_count() == compiled

@@ -137,22 +137,37 @@ def test_speculative_step_time_is_verify_plus_draft(cal):
 
 def test_measured_expansion_call_prices_the_expansion(tmp_path, cal):
     """A profile with the real engine's measured expansion call (engine/profiler.py) prices
-    that tree shape's expansion by it instead of depth - 1 draft steps."""
+    that tree shape's expansion by it, over the smallest row bucket holding the decoding
+    requests, instead of depth - 1 draft steps."""
     data = json.loads(Path(paper_profile().source).read_text())
-    data["expand_ms"] = {"3,2,2": 7.25}
+    data["expand_ms"] = {"3,2,2": {"1": 3.5, "2": 5.0, "4": 7.25}}
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
     prof = load_profile_file(path)
     clock = VirtualClock()
     eng = SimEngine(prof, cal, num_slots=4, max_len=256, clock=clock)
+    calls, expand = [], eng.expand
+
+    def timed_expand(root_vals, root_toks, root_pos, shape):
+        t0 = clock()
+        trees = expand(root_vals, root_toks, root_pos, shape)
+        calls.append((int((np.asarray(root_pos) > 0).sum()), clock() - t0))
+        return trees
+
+    eng.expand = timed_expand
     sched = Scheduler(eng, policy="tree:3,2", token_budget=128, clock=clock)
     for i in range(3):
-        sched.submit(Request(f"r{i}", (1,) * 12, 16))
+        sched.submit(Request(f"r{i}", (1,) * 12, 16 + 8 * i))
     sched.run_until_done()
+    bucket = {1: 3.5, 2: 5.0, 3: 7.25}  # decoding requests -> row bucket 1, 2, 4
+    assert {n for n, _ in calls} == {1, 2, 3}
+    for n, seconds in calls:
+        assert seconds == pytest.approx(bucket[n] / 1e3, rel=1e-12)
+    # the first step with 3 decoding requests: draft step over their 3 roots + the call
     step = next(r for r in sched.step_log if r.decode_requests == 3)
     want = prof.verify_ms(step.tokens) + prof.draft_ms(3) + 7.25
     assert step.seconds == pytest.approx(want / 1e3, rel=1e-9)
-    assert prof.draft_ms(6) * 2 != pytest.approx(7.25)  # the test tells the two prices apart
+    assert 2 * prof.draft_ms(6) != pytest.approx(7.25)  # the test tells the two prices apart
 
 
 def test_acceptance_matches_calibration(cal):
@@ -207,8 +222,19 @@ def test_unknown_profile_name():
         ({"verify_ms": {"1": 3}, "draft_ms": {"4": 2, "2": 3}, "baseline_tpot_ms": 1}, "draft_ms"),
         ({"verify_ms": {"1": 3}, "baseline_tpot_ms": "fast"}, "baseline_tpot_ms"),
         ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_rows": "some"}, "expand_rows"),
-        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2": 4}}, "expand_ms"),
-        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2,2": -1}}, "expand_ms"),
+        (
+            {"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2": {"1": 4}}},
+            "expand_ms",
+        ),
+        (
+            {"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2,2": {"1": -1}}},
+            "expand_ms",
+        ),
+        (
+            {"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2,2": {"x": 1}}},
+            "expand_ms",
+        ),
+        ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": {"3,2,2": 4}}, "expand_ms"),
         ({"verify_ms": {"1": 3}, "baseline_tpot_ms": 3, "expand_ms": [4]}, "expand_ms"),
     ],
 )
