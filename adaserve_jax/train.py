@@ -22,13 +22,13 @@ Run lifecycle (`train`):
     5. Every `eval_every` steps: held-out loss; every `ckpt_every` steps: a checkpoint. At the
        end the params are exported with `save_model_dir` (float32) to `export_dir`.
 
-CLI:
+CLI (the shipped pair is these four presets in this order, then the evaluation):
     python -m adaserve_jax.train --preset target          # -> checkpoints/target
     python -m adaserve_jax.train --preset draft           # distils from checkpoints/target
+    python -m adaserve_jax.train --preset target-cont     # continues checkpoints/target
+    python -m adaserve_jax.train --preset draft-cont      # continues the draft, new teacher
     python -m adaserve_jax.train --evaluate               # -> checkpoints/eval.json
-    python -m adaserve_jax.train --preset target --init-from checkpoints/target \
-        --run-dir runs/target_cont --out runs/target_cont/export --seed 1 --steps N
-                                                          # continued training (new schedule)
+    --init-from DIR --run-dir R --out O: continued training of any preset (new schedule)
 """
 
 from __future__ import annotations
@@ -142,6 +142,34 @@ PRESETS: dict[str, tuple[Any, TrainConfig]] = {
             embed_from_teacher=True,
             teacher_dir="checkpoints/target",
             run_dir="runs/draft",
+            export_dir="checkpoints/draft",
+        ),
+    ),
+    # The shipped pair continues both: run target, draft, target-cont, draft-cont in this order.
+    "target-cont": (
+        ModelConfig.target_small,
+        TrainConfig(
+            steps=1000,
+            lr=1e-3,
+            warmup_steps=20,
+            seed=1,
+            init_from="checkpoints/target",
+            run_dir="runs/target_cont",
+            export_dir="checkpoints/target",
+        ),
+    ),
+    "draft-cont": (
+        ModelConfig.draft_small,
+        TrainConfig(
+            steps=600,
+            decay_frac=0.15,
+            lr=1e-3,
+            warmup_steps=10,
+            seed=2,
+            distill_alpha=0.9,
+            teacher_dir="checkpoints/target",
+            init_from="checkpoints/draft",
+            run_dir="runs/draft_cont",
             export_dir="checkpoints/draft",
         ),
     ),

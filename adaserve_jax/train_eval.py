@@ -238,8 +238,8 @@ def evaluate(
         "context_lines_before_header": CONTEXT_LINES,
         "seeds": [0, 1, 2],
     }
-    for name in ("target", "draft"):
-        summary = _training_summary(Path("runs") / name, PRESETS[name][1].tokens_per_step)
+    for name, (_, tc) in PRESETS.items():
+        summary = _training_summary(Path(tc.run_dir), tc.tokens_per_step)
         if summary is not None:
             result[f"training_{name}"] = summary
     result["eval_seconds"] = round(time.time() - t0, 1)

@@ -163,3 +163,14 @@ def test_init_from_warm_starts_from_a_finished_run(tmp_path):
     other = dataclasses.replace(CFG, hidden_size=48, head_dim=12)
     with pytest.raises(ValueError, match="init-from"):
         tr.train(other, dataclasses.replace(tc, run_dir=str(tmp_path / "d")), data, progress=False)
+
+
+def test_continued_presets_chain_onto_the_base_runs():
+    """target -> draft -> target-cont -> draft-cont: each continuation warm-starts from what
+    its base preset exports (same model shape), and the draft distils from the target's."""
+    for base, cont in (("target", "target-cont"), ("draft", "draft-cont")):
+        (base_cfg, base_tc), (cont_cfg, cont_tc) = tr.PRESETS[base], tr.PRESETS[cont]
+        assert cont_cfg() == base_cfg()
+        assert cont_tc.init_from == base_tc.export_dir == cont_tc.export_dir
+        assert cont_tc.run_dir != base_tc.run_dir  # a new schedule, not a resume
+    assert tr.PRESETS["draft-cont"][1].teacher_dir == tr.PRESETS["target-cont"][1].export_dir
