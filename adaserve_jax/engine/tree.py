@@ -108,3 +108,21 @@ def accept_paths(
             break
         acc = nxt
     return acc
+
+
+def accept_nodes(up: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """The acceptance walk over many trees laid out flat (numpy, pointer doubling).
+
+    up i64[K]: each node's parent as a flat index (a root: itself); match bool[K]: the node's
+    token is the target's token at its parent (roots: True). Returns bool[K]: accepted, i.e.
+    the node and all its ancestors match. `accept_paths` on the padded layout gives the same
+    nodes; here ceil(log2(depth)) + 1 passes suffice, whatever the trees' widths.
+    """
+    ok = np.asarray(match, bool).copy()
+    anc = np.asarray(up)
+    while True:  # ok[j]: j and its nearest 2^t - 1 ancestors match; anc[j]: its 2^t-th ancestor
+        ok &= ok[anc]
+        nxt = anc[anc]
+        if np.array_equal(nxt, anc):  # every node's ancestor pointer reached its root
+            return ok
+        anc = nxt

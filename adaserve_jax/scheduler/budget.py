@@ -35,6 +35,7 @@ Why this rule:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -234,18 +235,14 @@ def choose_budget_from_trees(
         raise ValueError(f"log_f.shape={f.shape} must be [n >= 1, N]")
     n = f.shape[0]
     slos = np.asarray(tpot_slos_s, dtype=np.float64)
-    if slos.shape != (n,) or not np.all(np.isfinite(slos) & (slos > 0)):
+    if slos.shape != (n,) or not (slos.min() > 0 and slos.max() < np.inf):  # NaN fails too
         raise ValueError(f"tpot_slos_s must be {n} finite values > 0")
     if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int | np.integer):
         raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an int >= 0")
     if prefill_tokens < 0:
         raise ValueError(f"prefill_tokens={prefill_tokens} must be >= 0")
-    top = -np.sort(-f.ravel())
-    cum = np.cumsum(top)
-    cands = np.array([b for b in profile.buckets if n <= b <= max_budget] or [n])
-    verify_ms = np.asarray(profile.verify.latency_ms((cands + prefill_tokens).astype(float)))
-    drafting = np.where(cands > n, draft_ms, 0.0)
-    t_iter = (verify_ms.reshape(-1) + drafting + profile.host_ms) / 1e3  # [K]
+    cum = np.sort(f, axis=None)[::-1].cumsum()  # E_tot of the B largest f, for every B
+    cands, t_iter = _candidates(profile, n, int(max_budget), int(prefill_tokens), float(draft_ms))
     total = cum[np.minimum(cands, cum.size) - 1]  # [K]
     rate = total / np.maximum(t_iter, 1e-12)
     fits = t_iter <= slo_margin * float(slos.min()) * total / n
@@ -253,3 +250,19 @@ def choose_budget_from_trees(
     return BudgetChoice(
         int(cands[k]), float(t_iter[k]), float(total[k]), float(rate[k]), bool(fits[k])
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _candidates(
+    profile: LatencyProfile, n: int, max_budget: int, prefill_tokens: int, draft_ms: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate budgets of `choose_budget_from_trees` and their t_iter (seconds); they
+    depend on the profile and the step's sizes only, which repeat from iteration to iteration
+    (read-only, cached)."""
+    cands = np.array([b for b in profile.buckets if n <= b <= max_budget] or [n])
+    verify_ms = np.asarray(profile.verify.latency_ms((cands + prefill_tokens).astype(float)))
+    drafting = np.where(cands > n, draft_ms, 0.0)
+    t_iter = (verify_ms.reshape(-1) + drafting + profile.host_ms) / 1e3  # [K]
+    for a in (cands, t_iter):
+        a.flags.writeable = False
+    return cands, t_iter

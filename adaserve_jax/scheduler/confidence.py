@@ -54,12 +54,22 @@ def sibling_rank(parents: np.ndarray) -> np.ndarray:
     parent's children are laid out in the draft's descending order (as `steps/expand.py` and
     `lax.top_k` produce them). The root gets 0."""
     parents = np.asarray(parents)
-    cols = parents.shape[1]
-    earlier = np.tri(cols, k=-1, dtype=bool)  # [j, i]: i < j
-    same = parents[:, :, None] == parents[:, None, :]  # [R, j, i]
-    rank = (same & earlier).sum(axis=2)
+    rows, cols = parents.shape
+    if rows * cols == 0:
+        return np.zeros((rows, cols), np.int32)
+    # one key per (tree, parent): a stable sort groups each parent's children in node order,
+    # and a child's rank is its distance from the start of its group
+    key = (parents.astype(np.int64) + 1 + (np.arange(rows) * (cols + 1))[:, None]).ravel()
+    order = key.argsort(kind="stable")
+    grouped = key[order]
+    at = np.arange(key.size)
+    start = np.where(np.concatenate([[True], grouped[1:] != grouped[:-1]]), at, 0)
+    np.maximum.accumulate(start, out=start)
+    rank = np.empty(key.size, np.int32)
+    rank[order] = at - start
+    rank = rank.reshape(rows, cols)
     rank[:, 0] = 0
-    return rank.astype(np.int32)
+    return rank
 
 
 class AcceptanceCalibrator:
@@ -114,12 +124,13 @@ class AcceptanceCalibrator:
         self._scale = bins / -self.log_q_min
         self.verified = np.zeros((ranks, depths, bins))  # [rank, depth - 1, bin]
         self.accepted = np.zeros((ranks, depths, bins))
-        self._table: np.ndarray | None = None  # [ranks, depths, bins] log rates (lazy)
+        self._table: np.ndarray | None = None  # [ranks * depths, bins] log rates (lazy)
+        self._flat_table = np.zeros(0)  # the same, flat
         self._pending: list[tuple[np.ndarray, ...]] = []
 
     def _bin(self, log_q: np.ndarray) -> np.ndarray:
         idx = ((np.asarray(log_q, np.float64) - self.log_q_min) * self._scale).astype(np.int64)
-        return np.clip(idx, 0, self.bins - 1)
+        return np.minimum(np.maximum(idx, 0), self.bins - 1)
 
     def _cell(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
         d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
@@ -143,20 +154,20 @@ class AcceptanceCalibrator:
             )
         if log_q.size == 0:
             return
-        if not np.all(np.isfinite(log_q) & (log_q <= 1e-6)):
+        if not (log_q.max() <= 1e-6 and log_q.min() > -np.inf):  # NaN fails too
             raise ValueError("log_q must be finite and <= 0")
         if depth.min() < 1:
             raise ValueError("depth must be >= 1 (the root has no conditional)")
         if rank.min() < 0:
             raise ValueError("rank must be >= 0")
-        flat = self._cell(log_q, depth, rank)
         size = self.verified.size
+        # one count over (cell, accepted) pairs: the first half not accepted, the second accepted
+        counts = np.bincount(self._cell(log_q, depth, rank) + size * accepted, minlength=2 * size)
+        hits = counts[size:]
         self.verified *= self.decay
         self.accepted *= self.decay
-        self.verified += np.bincount(flat, minlength=size).reshape(self.verified.shape)
-        self.accepted += np.bincount(flat, weights=accepted, minlength=size).reshape(
-            self.accepted.shape
-        )
+        self.verified += (counts[:size] + hits).reshape(self.verified.shape)
+        self.accepted += hits.reshape(self.accepted.shape)
         self._since_fit += 1
         if self._since_fit >= self.refit_every:  # the fit (27 small isotonic fits) is the cost
             self._table, self._since_fit = None, 0
@@ -200,10 +211,14 @@ class AcceptanceCalibrator:
 
     def flush(self) -> None:
         """Adds the trees queued since the last flush as one `observe` call."""
-        if self._pending:
+        if len(self._pending) == 1:
+            q, d, k, hit = self._pending[0]
+        elif self._pending:
             q, d, k, hit = (np.concatenate(x) for x in zip(*self._pending, strict=True))
-            self._pending = []
-            self.observe(q, d, k, hit)
+        else:
+            return
+        self._pending = []
+        self.observe(q, d, k, hit)
 
     @property
     def observations(self) -> float:
@@ -227,16 +242,21 @@ class AcceptanceCalibrator:
         `depth` and sibling `rank` (same shapes)."""
         if self._table is None:
             self._table = np.log(self.rates()).reshape(-1, self.bins)
+            self._flat_table = self._table.ravel()
         x = np.asarray(log_q, np.float64)
         d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
         row = np.minimum(np.asarray(rank, np.int64), self.ranks - 1) * self.depths + d
         # piecewise linear on log q between bin centers, per table row (vectorized np.interp)
-        pos = np.clip((x - self.centers[0]) * self._scale, 0.0, self.bins - 1.0)
+        below = x - self.centers[0]
+        pos = np.minimum(np.maximum(below * self._scale, 0.0), self.bins - 1.0)
         lo = np.minimum(pos.astype(np.int64), self.bins - 2)
         frac = pos - lo
-        out = self._table[row, lo] * (1 - frac) + self._table[row, lo + 1] * frac
+        at = row * self.bins + lo  # flat index of (row, lo) in the table
+        table = self._flat_table
+        out = table[at] * (1 - frac) + table[at + 1] * frac
         # below the lowest center: continue with slope 1 (stays monotone, tends to 0)
-        return np.minimum(np.where(x < self.centers[0], out + (x - self.centers[0]), out), 0.0)
+        np.add(out, below, out=out, where=below < 0)
+        return np.minimum(out, 0.0, out=out)
 
     def apply(
         self, parents: np.ndarray, log_f: np.ndarray, depth: np.ndarray, rank: np.ndarray
@@ -247,15 +267,22 @@ class AcceptanceCalibrator:
         parents = np.asarray(parents)
         log_f = np.asarray(log_f, np.float32)
         rows, cols = log_f.shape
-        out = log_f.copy()
         if cols < 2 or rows == 0:
-            return out
-        row = np.arange(rows)[:, None]
-        par = parents[:, 1:].astype(np.int64)
-        step = self.log_rate(
-            log_f[:, 1:] - log_f[row, par], np.maximum(depth[:, 1:], 1), rank[:, 1:]
+            return log_f.copy()
+        # node-major [cols, rows]: column j of every tree is one contiguous row
+        # [cols - 1, rows]: the flat index of each node's parent
+        up = np.multiply(parents.T[1:], rows, dtype=np.int64) + np.arange(rows)
+        f_t = log_f.T.copy()
+        flat = f_t.ravel()
+        step = self.log_rate(f_t[1:] - flat[up], np.maximum(depth.T[1:], 1), rank.T[1:]).astype(
+            np.float32
         )
-        step = step.astype(np.float32)
-        for j in range(1, cols):  # parents precede children: one pass accumulates every path
-            out[:, j] = out[row[:, 0], par[:, j - 1]] + step[:, j - 1]
-        return out
+        # parents precede children, so one pass over the columns accumulates every path; a run
+        # of columns whose parents (in every tree) all lie before the run is added at once
+        pmax = parents.max(axis=0).tolist()
+        a = 1
+        for b in range(2, cols + 1):
+            if b == cols or pmax[b] >= a:
+                np.add(flat[up[a - 1 : b - 1]], step[a - 1 : b - 1], out=f_t[a:b])
+                a = b
+        return np.ascontiguousarray(f_t.T)

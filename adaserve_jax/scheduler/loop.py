@@ -23,14 +23,14 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from adaserve_jax.engine.batch import Move, Segment, ragged_index
 from adaserve_jax.engine.kv_alloc import SlotAllocator
-from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_paths
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_nodes
 from adaserve_jax.scheduler.budget import (
     LatencyProfile,
     choose_budget_from_trees,
@@ -45,9 +45,9 @@ from adaserve_jax.scheduler.policy import (
     parse_policy,
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
-from adaserve_jax.scheduler.selector import SelectionInput, select
-
-NO_SLO_MS = 1e9  # requests without a TPOT SLO are never behind
+from adaserve_jax.scheduler.roster import Roster
+from adaserve_jax.scheduler.segments import moves, segments
+from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
 
 TokenCallback = Callable[[RequestState, list[int]], None]
 
@@ -136,6 +136,11 @@ class Scheduler:
         # the calibrator (adaserve), and whether the draft cache holds each node's K/V
         self._verify_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._verify_in_cache: np.ndarray | None = None
+        # the flat arrays `_speculate` cut this step's verify segments from, for `_commit_trees`
+        self._verify: tuple | None = None
+        self._roster: Roster | None = None  # the decoding requests' fixed fields, as arrays
+        # (rows, depth) -> (profile, drafting ms of an iteration): the same every iteration
+        self._draft_ms: dict[tuple[int, int], tuple[LatencyProfile, float]] = {}
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
@@ -208,10 +213,13 @@ class Scheduler:
         if not self.running:
             return
         decode = [r for r in self.running if r.phase is Phase.DECODE]
+        prefilling = []  # running = decoding + prefilling requests
+        if len(decode) < len(self.running):
+            prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
         spec = self.policy.speculative and bool(decode) and not self._skip_drafting(decode)
         self._select_seconds = 0.0
-        reserve = self._decode_reserve(decode) if spec else len(decode)
-        prefill = self._plan_prefill(budget=self.token_budget - reserve)
+        reserve = self._decode_reserve(decode, prefilling) if spec else len(decode)
+        prefill = self._plan_prefill(prefilling, budget=self.token_budget - reserve)
         self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
             Segment.chain(
@@ -220,12 +228,9 @@ class Scheduler:
             for r, n in prefill
         ]
         if spec:
-            decode_segs, trees = self._speculate(decode, prefill_segs)
+            decode_segs, decode_tokens = self._speculate(decode, prefill, prefill_segs)
         else:
-            decode_segs = [
-                Segment.chain(r.slot, r.cached, [r.pending_token], r.request.sampling)
-                for r in decode
-            ]
+            decode_segs, decode_tokens = self._root_segments(decode), len(decode)
             if prefill_segs and self.engine.has_draft and self.policy.speculative:
                 self.engine.draft_step(prefill_segs)  # keep the draft's prefill in step
                 for r, n in prefill:
@@ -236,10 +241,11 @@ class Scheduler:
         accepted = 0
         if spec and decode:
             accepted = self._commit_trees(decode, decode_segs, sampled, offsets, now)
-        else:
-            for r, off in zip(decode, offsets, strict=False):
+        elif decode:
+            for r in decode:
                 r.cached += 1
-                self._emit(r, [int(sampled[off])], now)
+            roots = sampled[np.asarray(offsets[: len(decode)], np.int64)].tolist()
+            self._emit_chunks(decode, roots, range(1, len(decode) + 1), now)
         for (r, n), off in zip(prefill, offsets[len(decode) :], strict=True):
             r.cached += n
             if r.cached == r.prompt_len:
@@ -251,7 +257,7 @@ class Scheduler:
         self.step_log.append(
             StepRecord(
                 seconds=now - t0,
-                tokens=sum(len(s) for s in decode_segs + prefill_segs),
+                tokens=decode_tokens + self._prefill_tokens,
                 decode_requests=len(decode),
                 accepted=accepted,
                 select_seconds=self._select_seconds,
@@ -262,13 +268,14 @@ class Scheduler:
         """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
-        lag = sum(r.cached + 2 - r.draft_cached for r in decode)  # catch-up chains, + 1 step
+        # catch-up chains, + 1 step
+        lag = sum([r.cached + 2 for r in decode]) - sum([r.draft_cached for r in decode])
         if self._draft_off_iters >= self._explore_gap or 2 * lag > self.token_budget:
             return False
         self._draft_off_iters += 1
         return True
 
-    def _decode_reserve(self, decode: list[RequestState]) -> int:
+    def _decode_reserve(self, decode: list[RequestState], prefilling: list[RequestState]) -> int:
         """Budget kept for decoding requests before prefill chunks are planned.
 
         Covers both steps that carry the prefill chunks: the target's verify step (roots, or
@@ -279,33 +286,32 @@ class Scheduler:
         shape = self.policy.shape
         if shape is None:
             return n
-        catch_up = sum(r.cached + 1 - r.draft_cached for r in decode)
+        catch_up = sum([r.cached for r in decode]) - sum([r.draft_cached for r in decode]) + n
         if self.policy.kind is PolicyKind.ADASERVE:
             # `adaserve_reserve` tokens per decoding request (at least its candidate tree),
             # minus the prefill floor and the prompts of requests that asked for a first-token
             # deadline (ttft_slo_ms): those are prefilled before the reservation
-            floor = max(self.prefill_floor, self._ttft_prompt_tokens())
+            floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
             per_request = max(shape.num_nodes, self.adaserve_reserve)
             verify = min(n * per_request, max(n, self.token_budget - floor))
         else:
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)
 
-    def _ttft_prompt_tokens(self) -> int:
+    @staticmethod
+    def _ttft_prompt_tokens(prefilling: list[RequestState]) -> int:
         """Prompt tokens still to prefill of admitted requests with a TTFT SLO."""
-        return sum(
-            r.prompt_len - r.cached
-            for r in self.running
-            if r.phase is Phase.PREFILL and r.request.ttft_slo_ms is not None
-        )
+        return sum(r.prompt_len - r.cached for r in prefilling if r.request.ttft_slo_ms is not None)
 
-    def _plan_prefill(self, budget: int) -> list[tuple[RequestState, int]]:
+    def _plan_prefill(
+        self, prefilling: list[RequestState], budget: int
+    ) -> list[tuple[RequestState, int]]:
+        """Prompt chunks for the PREFILL requests (in running order) within `budget`."""
         plan = []
         if self.policy.kind is PolicyKind.SARATHI:
             budget = min(budget, self.prefill_chunk)
-        prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
         # requests with a TTFT SLO first (stable: arrival order within each group)
-        prefilling.sort(key=lambda r: r.request.ttft_slo_ms is None)
+        prefilling = sorted(prefilling, key=lambda r: r.request.ttft_slo_ms is None)
         for r in prefilling:
             if budget <= 0:
                 break
@@ -314,95 +320,146 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _speculate(self, decode: list[RequestState], prefill_segs: list[Segment]):
-        """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments."""
+    def _root_segments(self, decode: list[RequestState]) -> list[Segment]:
+        """One token per decoding request (its pending token): plain decoding."""
+        roster = self._roster_of(decode)
+        return segments(
+            roster.slots_l,
+            [r.cached for r in decode],
+            np.array([r.output[-1] for r in decode], np.int32),
+            None,
+            range(1, len(decode) + 1),
+            roster.sampling,
+        )
+
+    def _roster_of(self, decode: list[RequestState]) -> Roster:
+        if self._roster is None or not self._roster.matches(decode):
+            self._roster = Roster.build(decode)
+        return self._roster
+
+    def _speculate(
+        self,
+        decode: list[RequestState],
+        prefill: list[tuple[RequestState, int]],
+        prefill_segs: list[Segment],
+    ) -> tuple[list[Segment], int]:
+        """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments.
+
+        Every request at once: its state is read into arrays once, the catch-up chains and
+        the verified subtrees are built as flat arrays, and each segment gets a slice of them.
+        Returns the verify segments (in `decode` order) and their total tokens."""
         shape = self.policy.shape
-        draft_segs = [
-            Segment.chain(r.slot, r.draft_cached, r.tokens_between(r.draft_cached, r.cached + 1))
-            for r in decode
-        ]
+        n = len(decode)
+        roster = self._roster_of(decode)
+        slots_l, slots = roster.slots_l, roster.slots
+        cached_l = [r.cached for r in decode]
+        behind_l = [r.draft_cached for r in decode]
+        out_len_l = []
+        catch_up: list[int] = []  # the tokens each draft cache lacks, up to the root
+        for r, p, a, c in zip(decode, roster.prompt_len, behind_l, cached_l, strict=True):
+            out = r.output
+            out_len_l.append(len(out))
+            catch_up += out[a - p : c + 1 - p] if a >= p else r.tokens_between(a, c + 1)
+        cached = np.array(cached_l, np.int64)
+        lens = cached + 1 - np.array(behind_l, np.int64)
+        ends = lens.cumsum()
+        if len(catch_up) != ends[-1]:
+            raise RuntimeError("draft catch-up chains do not match the requests' KV rows")
+        chains = np.array(catch_up, np.int32)
+        draft_segs = segments(slots_l, behind_l, chains, None, ends.tolist())
         vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
         s = self.engine.num_slots
         root_vals = np.zeros((s, vals.shape[1]), np.float32)
         root_toks = np.zeros((s, vals.shape[1]), np.int32)
         root_pos = np.full(s, -1, np.int32)  # -1: slot not decoding
-        slots = np.fromiter((r.slot for r in decode), np.int64, len(decode))
-        last = np.asarray(offsets[: len(decode)]) + [len(seg) - 1 for seg in draft_segs]
+        last = np.asarray(offsets[:n]) + lens - 1
         root_vals[slots], root_toks[slots] = vals[last], idx[last]
-        for r in decode:
-            root_pos[r.slot] = r.cached
-            r.draft_cached = r.cached + 1
-        for seg in prefill_segs:
-            owner = next(r for r in self.running if r.slot == seg.slot)
-            owner.draft_cached = seg.ctx_len + len(seg)
+        root_pos[slots] = cached
+        for r, k in prefill:
+            r.draft_cached = r.cached + k
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
+        out_len = np.array(out_len_l, np.int64)
         adaserve = self.policy.kind is PolicyKind.ADASERVE
         if adaserve:
-            self._rank = sibling_rank(trees.parents)
-            selections = self._adaserve_select(decode, trees)
+            nodes, counts = self._adaserve_select(decode, trees, roster, out_len)
         else:
             # a fixed tree per request, trimmed evenly when they do not all fit the step
-            share = max(1, (self.token_budget - self._prefill_tokens) // len(decode))
-            selections = [fixed_selection(trees, r.slot, shape)[:share] for r in decode]
+            share = max(1, (self.token_budget - self._prefill_tokens) // n)
+            picks = [fixed_selection(trees, row, shape)[:share] for row in slots_l]
+            nodes = np.concatenate(picks)
+            counts = np.fromiter((len(x) for x in picks), np.int64, n)
         # never verify past the slot's rows or past the tokens the request still wants;
         # selections are sorted by node index, so a prefix is still a connected tree
-        sels = [
-            sel[: max(1, min(self.engine.max_len - r.cached, r.request.max_tokens - len(r.output)))]
-            for r, sel in zip(decode, selections, strict=True)
-        ]
-        # every request's selected subtree at once: gather, renumber parents, then split
-        lens = np.fromiter((len(x) for x in sels), np.int64, len(sels))
-        owner, local, starts = ragged_index(lens)
-        row_of = np.fromiter((r.slot for r in decode), np.int64, len(decode))[owner]
-        nodes = np.concatenate(sels).astype(np.int64)
+        limit = np.minimum(self.engine.max_len - cached, roster.max_tokens - out_len)
+        owner, local, starts = ragged_index(counts)
+        if (counts > limit).any():
+            limit = np.maximum(limit, 1)
+            keep = local < limit[owner]
+            nodes, counts = nodes[keep], np.minimum(counts, limit)
+            owner, local, starts = ragged_index(counts)
+        # every request's selected subtree at once: gather, renumber parents, then slice
+        row_of = slots[owner]
+        nodes = nodes.astype(np.int64)
         pos = np.full(trees.parents.shape, -1, np.int64)
         pos[row_of, nodes] = local
         parents = pos[row_of, np.maximum(trees.parents[row_of, nodes], 0)].astype(np.int32)
         tokens = trees.tokens[row_of, nodes].astype(np.int32)
         parents[starts] = -1  # node 0 of every selection is its root,
-        tokens[starts] = [r.pending_token for r in decode]  # holding the pending token
-        bounds = np.append(starts, len(nodes)).tolist()
+        tokens[starts] = chains[ends - 1]  # holding the pending token (its chain's last)
+        self._verify = (counts, owner, local, tokens, parents, cached_l, slots)
         self._verify_stats = None
         if adaserve:  # what the calibrator needs to learn from the verification
             self._verify_stats = (
                 trees.log_f[row_of, nodes],
                 trees.depth[row_of, nodes],
-                self._rank[row_of, nodes],
+                self._rank[owner, nodes],
             )
         self._verify_in_cache = None
         if trees.in_cache is not None and self.reuse_draft_kv:
             self._verify_in_cache = trees.in_cache[row_of, nodes]
         drafted = trees.tokens.shape[1] - 1
-        segs = []
-        for i, r in enumerate(decode):
-            a, b = bounds[i], bounds[i + 1]
-            segs.append(Segment(r.slot, r.cached, tokens[a:b], parents[a:b], r.request.sampling))
-            r.stats.drafted += drafted
-            r.stats.selected += b - a - 1
-        return segs, trees
+        ends_l = (starts + counts).tolist()
+        for r, c, k in zip(decode, cached_l, counts.tolist(), strict=True):
+            r.draft_cached = c + 1
+            st = r.stats
+            st.drafted += drafted
+            st.selected += k - 1
+        verify = segments(slots_l, cached_l, tokens, parents, ends_l, roster.sampling)
+        return verify, ends_l[-1]
 
-    def _adaserve_select(self, decode: list[RequestState], trees: DraftTrees) -> list[np.ndarray]:
-        """Budget from the latency profile (budget.py), then the two-phase selector."""
+    def _adaserve_select(
+        self,
+        decode: list[RequestState],
+        trees: DraftTrees,
+        roster: Roster,
+        out_len: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Budget from the latency profile (budget.py), then the two-phase selector.
+
+        roster: the requests' fixed fields; out_len: their output so far. Returns the selected
+        node indices, flat and sorted by (request, node), and the count per request."""
         t0 = time.perf_counter()
         shape = self.policy.shape
         n = len(decode)
         now = self.clock()
-        slos = np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in decode])
+        slos = roster.tpot_slo_s
         avail = max(self.token_budget - self._prefill_tokens, n)
         budget, t_iter = avail, 0.0
-        rows = np.array([r.slot for r in decode])
         depth = int(trees.depth.max())  # this iteration's tree depth
+        rows = roster.slots
+        parents = trees.parents[rows]
+        self._rank = sibling_rank(parents)  # [n, N], for the calibrator now and after verify
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
-        log_f = self.calibrator.apply(
-            trees.parents[rows], trees.log_f[rows], trees.depth[rows], self._rank[rows]
-        )
-        decoded = np.array([max(len(r.output) - 1, 0) for r in decode])
-        elapsed = np.array([now - (r.first_token_time or now) for r in decode])
-        remaining = np.array([r.request.max_tokens - len(r.output) for r in decode])
+        log_f = self.calibrator.apply(parents, trees.log_f[rows], trees.depth[rows], self._rank)
         if self.profile is not None:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
-                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
+                key = (n * shape.width, depth)
+                hit = self._draft_ms.get(key)
+                if hit is None or hit[0] is not self.profile:
+                    hit = (self.profile, depth * float(self.profile.draft.latency_ms(key[0])))
+                    self._draft_ms[key] = hit
+                draft_ms = hit[1]
             choice = choose_budget_from_trees(
                 self.profile,
                 log_f,
@@ -418,26 +475,25 @@ class Scheduler:
             elif not roots_only:
                 self._explore_gap = self.explore_every
             self._draft_off, self._draft_off_iters = roots_only, 0
-        num_nodes = trees.tokens.shape[1]
-        sel = select(
+        nodes, counts = select_nodes(
             SelectionInput(
-                parents=trees.parents[rows],
+                parents=parents,
                 log_f=log_f,
-                num_nodes=np.full(n, num_nodes),
-                decoded=decoded,
-                elapsed_s=elapsed,
+                num_nodes=np.full(n, trees.tokens.shape[1], np.int32),
+                decoded=np.maximum(out_len - 1, 0),
+                elapsed_s=roster.elapsed(now),
                 tpot_slo_s=slos,
                 budget=int(budget),
                 t_iter_s=float(t_iter),
                 max_depth=depth,
-                remaining=remaining,
+                remaining=roster.max_tokens - out_len,
                 # per-request cap: `node_share` fair shares of the budget, so the SLO phase cannot
                 # hand a far-behind request its whole tree of low-f nodes (SIMULATION.md)
                 node_cap=max(2, math.ceil(self.node_share * budget / n)),
             )
         )
         self._select_seconds += time.perf_counter() - t0
-        return list(sel.nodes)
+        return nodes, counts
 
     def _commit_trees(
         self,
@@ -447,73 +503,90 @@ class Scheduler:
         offsets: tuple[int, ...],
         now: float,
     ) -> int:
-        """Acceptance walk for every verified tree at once (padded [R, n] arrays, engine/tree.py
-        `accept_paths`); queue KV compaction; feed the calibrator; emit tokens. Returns the
+        """Acceptance walk for every verified tree at once (flat over all trees, engine/tree.py
+        `accept_nodes`); queue KV compaction; feed the calibrator; emit tokens. Returns the
         drafted tokens accepted."""
         n_req = len(decode)
-        lens = np.fromiter((len(s) for s in segs), np.int64, n_req)
-        width = int(lens.max())
-        row_of, col, _ = ragged_index(lens)
-        parents = np.full((n_req, width), -1, np.int64)
-        parents[row_of, col] = np.concatenate([s.parents for s in segs])
-        tokens = np.zeros((n_req, width), np.int64)
-        tokens[row_of, col] = np.concatenate([s.tokens for s in segs])
-        target = np.zeros((n_req, width), np.int64)
-        target[row_of, col] = sampled[np.repeat(np.asarray(offsets[:n_req]), lens) + col]
-        acc = accept_paths(parents, tokens, target, lens)
-        rows = np.arange(n_req)
-        bonus = target[rows, np.where(acc, np.arange(width), 0).max(1)].tolist()
+        if self._verify is not None:  # what `_speculate` built the segments from
+            lens, row_of, col, tokens, parents, cached_l, slots = self._verify
+        else:
+            lens = np.fromiter((len(s) for s in segs), np.int64, n_req)
+            row_of, col, _ = ragged_index(lens)
+            tokens = np.concatenate([s.tokens for s in segs])
+            parents = np.concatenate([s.parents for s in segs])
+            cached_l = [r.cached for r in decode]
+            slots = np.array([r.slot for r in decode], np.int64)
+        self._verify = None
+        nodes = np.arange(col.size)
+        root = nodes - col  # flat index of each node's root
+        up = root + np.maximum(parents, 0)  # flat index of the parent (a root: itself)
+        target = sampled[np.repeat(np.asarray(offsets[:n_req]), lens) + col]
+        match = tokens == target[up]
+        match[parents < 0] = True
+        acc = accept_nodes(up, match)
         if self._verify_stats is not None:
-            self._observe_trees(parents, acc, row_of, col, *self._verify_stats)
-        in_cache = None
-        if self._verify_in_cache is not None:  # node's K/V already in the draft cache
-            in_cache = np.zeros((n_req, width), bool)
-            in_cache[row_of, col] = self._verify_in_cache
+            self._observe_trees(acc, up, parents, *self._verify_stats)
+        in_cache = self._verify_in_cache  # node's K/V already in the draft cache
         self._verify_stats = self._verify_in_cache = None
-        path_rows, path_cols = np.nonzero(acc[:, 1:])
-        path_cols += 1  # node indices, increasing along each path
-        bounds = np.searchsorted(path_rows, np.arange(n_req + 1)).tolist()
-        path_tokens = tokens[path_rows, path_cols].tolist()
-        path_cols = path_cols.tolist()
-        total = 0
+        # the accepted paths: flat nodes, increasing along each path, and their positions
+        on_path = np.flatnonzero(acc & (parents >= 0))
+        path_rows, path_cols = row_of[on_path], col[on_path]
+        path_len = np.bincount(path_rows, minlength=n_req)
+        _, step, _ = ragged_index(path_len)
+        step += 1  # 1-based position along the path: the KV row (past the root) it commits to
+        moved = path_cols != step
+        if moved.any():  # compact: accepted nodes move to consecutive rows after the root
+            who = path_rows[moved]
+            base = np.asarray(cached_l, np.int64)[who]
+            self._moves += moves(
+                slots[who].tolist(),
+                (base + path_cols[moved]).tolist(),
+                (base + step[moved]).tolist(),
+            )
+        run_l = None
+        if in_cache is not None:
+            # the draft holds the K/V of the accepted path's leading in-cache nodes at their
+            # committed rows already: its next catch-up starts after them
+            along = np.zeros((n_req, int(step.max(initial=0)) + 1), bool)
+            along[path_rows, step - 1] = in_cache[on_path]
+            run_l = np.logical_and.accumulate(along, axis=1).sum(axis=1).tolist()
+        # emitted per request: its path's tokens, then the bonus token (the target's token at
+        # the path's last node)
+        ends = (path_len + 1).cumsum()
+        last = np.cumsum(lens) - lens  # each tree's root, or its path's last node:
+        has_path = path_len > 0
+        last[has_path] = on_path[path_len.cumsum()[has_path] - 1]
+        emitted = np.empty(int(ends[-1]), np.int64)
+        emitted[np.repeat(ends - path_len - 1, path_len) + step - 1] = tokens[on_path]
+        emitted[ends - 1] = target[last]
+        path_len_l = path_len.tolist()
         for i, r in enumerate(decode):
-            path = path_cols[bounds[i] : bounds[i + 1]]
-            base = r.cached
-            for k, node in enumerate(path, start=1):
-                if node != k:
-                    self._moves.append(Move(r.slot, base + node, base + k))
-            r.cached += 1 + len(path)
-            if in_cache is not None and r.draft_cached == base + 1:
-                # the draft holds the K/V of the accepted path's leading in-cache nodes at
-                # their committed rows already: its next catch-up starts after them
-                for node in path:
-                    if not in_cache[i, node]:
-                        break
-                    r.draft_cached += 1
-            r.stats.steps += 1
-            r.stats.accepted += len(path)
-            total += len(path)
-            self._emit(r, path_tokens[bounds[i] : bounds[i + 1]] + [bonus[i]], now)
-        return total
+            k = path_len_l[i]
+            r.cached += 1 + k
+            if run_l is not None and r.draft_cached == cached_l[i] + 1:
+                r.draft_cached += run_l[i]
+            st = r.stats
+            st.steps += 1
+            st.accepted += k
+        self._emit_chunks(decode, emitted.tolist(), ends.tolist(), now)
+        return int(on_path.size)
 
-    def _observe_trees(self, parents, acc, row_of, col, *flat: np.ndarray) -> None:
+    def _observe_trees(
+        self,
+        acc: np.ndarray,
+        up: np.ndarray,
+        parents: np.ndarray,
+        log_f: np.ndarray,
+        depth: np.ndarray,
+        rank: np.ndarray,
+    ) -> None:
         """AdaServe: every verified edge out of an accepted node, with the raw log f, depth and
-        sibling rank the selection saw (`flat`: over all trees, laid out by row_of/col), to the
-        acceptance calibrator (one batch)."""
-        shape = parents.shape
-        fields = []
-        for values, dtype in zip(flat, (np.float64, np.int64, np.int64), strict=True):
-            pad = np.zeros(shape, dtype)
-            pad[row_of, col] = values
-            fields.append(pad)
-        log_f, depth, rank = fields
-        rows = np.arange(shape[0])[:, None]
-        par = np.maximum(parents[:, 1:], 0)
-        live = (parents[:, 1:] >= 0) & acc[rows, par]
-        log_q = (log_f[:, 1:] - log_f[rows, par])[live]
-        self.calibrator.observe_edges(
-            log_q, depth[:, 1:][live], rank[:, 1:][live], acc[:, 1:][live]
-        )
+        sibling rank the selection saw, to the acceptance calibrator (one batch). All arrays
+        are flat over this step's trees in (tree, node) order: acc (the walk's result), up
+        (each node's parent, flat), parents (its local parent, -1 for a root)."""
+        live = (np.asarray(parents) >= 0) & acc[up]  # every non-root child of an accepted node
+        log_f = np.asarray(log_f, np.float64)
+        self.calibrator.observe_edges((log_f - log_f[up])[live], depth[live], rank[live], acc[live])
 
     # ---- internals -------------------------------------------------------------------
     def _admit(self) -> None:
@@ -522,6 +595,34 @@ class Scheduler:
             r.slot = self.alloc.admit(r.request.request_id, r.prompt_len + r.request.max_tokens)
             r.phase = Phase.PREFILL
             self.running.append(r)
+
+    def _emit_chunks(
+        self, reqs: list[RequestState], tokens: list[int], ends: Sequence[int], now: float
+    ) -> None:
+        """`_emit(reqs[i], tokens[ends[i - 1]:ends[i]], now)` for every request, with the common
+        case (no finish rule can fire: no EOS in the chunk, below max_tokens, no stop strings)
+        inline."""
+        eos = self.eos_id
+        stops = self.decode_text is not None
+        on_tokens = self.on_tokens
+        a = 0
+        for r, b in zip(reqs, ends, strict=True):
+            chunk = tokens[a:b]
+            out, req = r.output, r.request
+            if (
+                (eos is None or eos not in chunk)
+                and len(out) + b - a < req.max_tokens
+                and not (stops and req.stop)
+            ):
+                out += chunk
+                if r.first_token_time is None:
+                    r.first_token_time = now
+                r.last_token_time = now
+                if on_tokens is not None and chunk:
+                    on_tokens(r, chunk)
+            else:
+                self._emit(r, chunk, now)
+            a = b
 
     def _emit(self, r: RequestState, tokens: list[int], now: float) -> None:
         """Append produced tokens, applying the finish rules token by token."""

@@ -30,6 +30,7 @@ the eligible keys (keys are unique, so the k-th smallest is an exact, tie-free t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,6 +38,26 @@ import numpy as np
 
 _LOW31 = np.int64((1 << 31) - 1)
 _INF_BITS = np.int64(0x7F800000)  # IEEE-754 bits of float32 +inf: padding sorts after any node
+
+
+def _layout(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only index arrays of a padded [rows, cols] layout: flat ids i64[rows, cols]
+    (r * cols + j), row offsets i64[rows, 1] (r * cols), and the column indices
+    u32[1, cols - 1] of the non-root columns (1..cols-1). Cached for small layouts (the
+    scheduler's shape repeats every iteration)."""
+    if rows * cols <= 1 << 16:
+        return _small_layout(rows, cols)
+    flat = np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+    return flat, flat[:, :1], np.arange(1, cols, dtype=np.uint32)[None, :]
+
+
+@functools.lru_cache(maxsize=32)
+def _small_layout(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    flat = np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+    out = (flat, flat[:, :1].copy(), np.arange(1, cols, dtype=np.uint32)[None, :])
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def _max_depth(parents: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -81,8 +102,9 @@ def slo_need(
     return np.where(left > 0, need, -1.0)
 
 
-def _validate_forest(parents: np.ndarray, log_f: np.ndarray, valid: np.ndarray) -> None:
-    """Checks padded trees parents i32[R, M], log_f f32[R, M]; only `valid` entries count.
+def _validate_forest(parents: np.ndarray, log_f: np.ndarray, valid: np.ndarray | None) -> None:
+    """Checks padded trees parents i32[R, M], log_f f32[R, M]; only `valid` entries count
+    (None: all of them).
 
     One combined vectorized test on the fast path; the per-field diagnosis runs only on failure.
     """
@@ -91,16 +113,23 @@ def _validate_forest(parents: np.ndarray, log_f: np.ndarray, valid: np.ndarray) 
         return
     if cols == 0:
         raise ValueError("parents has no columns: every tree needs at least its root")
-    col = np.arange(1, cols, dtype=np.uint32)
+    _, offset, col = _layout(rows, cols)
     child_p = parents[:, 1:]
-    live = valid[:, 1:]
     in_range = child_p.view(np.uint32) < col  # negative parents wrap to huge values
-    offset = (np.arange(rows, dtype=np.int64) * cols)[:, None]
-    parent_f = log_f.ravel()[np.where(live & in_range, child_p, 0) + offset]
+    live = None if valid is None else valid[:, 1:]
+    at = np.where(in_range if live is None else live & in_range, child_p, 0) + offset
+    parent_f = log_f.ravel()[at]
     child_f = log_f[:, 1:]
     ok = in_range & (child_f <= parent_f) & (child_f > -np.inf)
-    if np.all(parents[:, 0] == -1) and np.all(log_f[:, 0] == 0.0) and not np.any(live & ~ok):
+    if (
+        (parents[:, 0] == -1).all()
+        and (log_f[:, 0] == 0.0).all()
+        and (ok.all() if live is None else not (live & ~ok).any())
+    ):
         return
+    if valid is None:
+        valid = np.ones(parents.shape, bool)
+        live = valid[:, 1:]
     bad = np.flatnonzero(parents[:, 0] != -1)
     if bad.size:
         r = int(bad[0])
@@ -221,16 +250,20 @@ class SelectionInput:
         if rows * cols >= 1 << 31:
             raise ValueError(f"parents.shape={parents.shape}: R * M must stay below 2**31")
         num_nodes = _as_vector("num_nodes", self.num_nodes, rows, np.int32)
-        if rows and (num_nodes.min() < 1 or num_nodes.max() > cols):
-            raise ValueError(f"num_nodes={num_nodes} must lie in [1, {cols}]")
+        full = True  # every tree fills all M columns (no padding)
+        if rows:
+            fewest = num_nodes.min()
+            if fewest < 1 or num_nodes.max() > cols:
+                raise ValueError(f"num_nodes={num_nodes} must lie in [1, {cols}]")
+            full = fewest == cols
         decoded = _as_vector("decoded", self.decoded, rows, np.int64)
         if rows and decoded.min() < 0:
             raise ValueError(f"decoded={decoded} must be >= 0")
         elapsed = _as_vector("elapsed_s", self.elapsed_s, rows, np.float64)
-        if not np.all(np.isfinite(elapsed) & (elapsed >= 0)):
+        if rows and not (elapsed.min() >= 0 and elapsed.max() < np.inf):  # NaN fails too
             raise ValueError(f"elapsed_s={elapsed} must be finite and >= 0")
         slo = _as_vector("tpot_slo_s", self.tpot_slo_s, rows, np.float64)
-        if not np.all(np.isfinite(slo) & (slo > 0)):
+        if rows and not (slo.min() > 0 and slo.max() < np.inf):
             raise ValueError(f"tpot_slo_s={slo} must be finite and > 0")
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget <= 0:
@@ -242,12 +275,18 @@ class SelectionInput:
         cap = self.node_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"node_cap={cap!r} must be None or an int >= 1")
-        valid = np.arange(cols) < num_nodes[:, None]
+        valid = None if full else np.arange(cols) < num_nodes[:, None]
         _validate_forest(parents, log_f, valid)
         if self.max_depth is None:
+            if valid is None:
+                valid = np.ones(parents.shape, bool)
             depth = _max_depth(parents, valid) if rows else np.zeros(0, np.int32)
         else:
-            depth = np.broadcast_to(np.asarray(self.max_depth, dtype=np.int32), (rows,))
+            depth = np.asarray(self.max_depth, dtype=np.int32)
+            if depth.ndim == 0:
+                depth = np.full(rows, depth, np.int32)
+            else:
+                depth = np.broadcast_to(depth, (rows,))
             if rows and depth.min() < 0:
                 raise ValueError(f"max_depth={self.max_depth} must be >= 0")
         if self.remaining is not None:
@@ -313,9 +352,8 @@ class SelectionInput:
 class Selection:
     """Result of one selection over R requests (K = total selected nodes <= budget).
 
-    nodes: per request, sorted node indices i32[k_r]; nodes[r][0] == 0 (the root).
-    request_index, node_index: i32[K], the same selection flattened, sorted by (request, node)
-        — the order in which the engine lays out its verify batch.
+    request_index, node_index: i32[K], the selected nodes sorted by (request, node) — the
+        order in which the engine lays out its verify batch; `nodes` splits them per request.
     slo_nodes: i32[R] nodes taken in the SLO phase (roots included);
     throughput_nodes: i32[R] nodes added by the throughput phase.
     expected_accepted: f64[R] sum of f over the selected nodes (root counts 1).
@@ -323,7 +361,6 @@ class Selection:
     slo_met: bool[R] the SLO phase reached A_cap(r).
     """
 
-    nodes: tuple[np.ndarray, ...]
     request_index: np.ndarray
     node_index: np.ndarray
     slo_nodes: np.ndarray
@@ -332,6 +369,12 @@ class Selection:
     slo_need: np.ndarray
     slo_target: np.ndarray
     slo_met: np.ndarray
+
+    @property
+    def nodes(self) -> tuple[np.ndarray, ...]:
+        """Per request, its sorted node indices i32[k_r]; nodes[r][0] == 0 (the root)."""
+        ends = np.cumsum(self.num_selected).tolist()
+        return tuple(self.node_index[a:b] for a, b in zip([0, *ends], ends, strict=False))
 
     @property
     def num_selected(self) -> np.ndarray:
@@ -348,62 +391,13 @@ def select(inp: SelectionInput) -> Selection:
     rows, cols = inp.parents.shape
     if rows == 0:
         ei, ef = np.zeros(0, np.int32), np.zeros(0, np.float64)
-        return Selection((), ei, ei, ei, ei, ef, ef, ef, np.zeros(0, bool))
-    width = cols if inp.node_cap is None else min(cols, inp.node_cap)
-
-    # One unique key per node: bits(-log f) high, flat id r * M + j low. Validation made every
-    # log f <= 0, so clearing the sign bit gives the bits of -log f (and -0.0 -> +0.0: the root's
-    # key is the smallest); padding gets +inf bits.
-    keys = (inp.log_f.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)
-    if inp.num_nodes.min() < cols:
-        keys = np.where(np.arange(cols) < inp.num_nodes[:, None], keys, _INF_BITS)
-    np.left_shift(keys, 31, out=keys)
-    keys |= np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
-    keys.sort(axis=1)
-    skeys = keys[:, :width]  # [R, C]: each request's nodes, best first
-    f = (skeys >> 31).astype(np.int32).view(np.float32)  # -log f, sorted ascending
-    np.negative(f, out=f)
-    np.exp(f, out=f)  # f32[R, C] path probabilities, padding -> 0
-    csum = np.cumsum(f, axis=1, dtype=np.float64)  # [R, C] f-sum of the first j + 1 nodes
-    avail = np.minimum(inp.num_nodes, width).astype(np.int64)  # selectable nodes per request
-
-    # SLO phase: nodes needed to reach A_cap, then granted most-behind first.
-    need = slo_need(inp.elapsed_s, inp.decoded, inp.tpot_slo_s, inp.t_iter_s, inp.remaining)
-    target = np.minimum(need, inp.max_depth + 1.0)
-    # Node j + 1 is still wanted while the first j + 1 nodes sum to less than A_cap.
-    wanted = np.minimum(1 + (csum[:, :-1] < target[:, None]).sum(axis=1), avail)
-    priority = np.argsort(-need, kind="stable")
-    extra = wanted[priority] - 1
-    spare = inp.budget - rows - (np.cumsum(extra) - extra)
-    k1 = np.ones(rows, dtype=np.int64)
-    k1[priority] += np.clip(spare, 0, extra)
-
-    # Throughput phase: the `left` smallest keys among nodes not yet taken and within the cap.
-    left = inp.budget - int(k1.sum())
-    rank = np.arange(width)
-    eligible = (rank >= k1[:, None]) & (rank < avail[:, None])
-    pool = skeys[eligible]
-    if left <= 0 or pool.size == 0:
-        k = k1
-    elif left >= pool.size:
-        k = avail
-    else:
-        threshold = np.partition(pool, left - 1)[left - 1]
-        # Rows are sorted, so `skeys <= threshold` is a prefix of each row; the phase adds the
-        # part of that prefix past k1 (and within the cap).
-        k = np.maximum(k1, np.minimum((skeys <= threshold).sum(axis=1), avail))
-
-    taken = rank < k[:, None]
-    flat = np.sort(skeys[taken] & _LOW31)  # sorted by (request, node)
-    request_index = (flat // cols).astype(np.int32)
-    node_index = (flat - request_index.astype(np.int64) * cols).astype(np.int32)
-    ends = np.cumsum(k)
-    starts = (ends - k).tolist()
+        return Selection(ei, ei, ei, ei, ef, ef, ef, np.zeros(0, bool))
+    flat, k1, k, csum, need, target = _phases(inp)
+    request_index, node_index = np.divmod(flat, cols)
     row = np.arange(rows)
     return Selection(
-        nodes=tuple(node_index[a:b] for a, b in zip(starts, ends.tolist(), strict=True)),
-        request_index=request_index,
-        node_index=node_index,
+        request_index=request_index.astype(np.int32),
+        node_index=node_index.astype(np.int32),
         slo_nodes=k1.astype(np.int32),
         throughput_nodes=(k - k1).astype(np.int32),
         expected_accepted=csum[row, k - 1],
@@ -411,3 +405,70 @@ def select(inp: SelectionInput) -> Selection:
         slo_target=target,
         slo_met=csum[row, k1 - 1] >= target,
     )
+
+
+def select_nodes(inp: SelectionInput) -> tuple[np.ndarray, np.ndarray]:
+    """`select` for the scheduler's hot path: only (node_index i64[K], nodes per request
+    i64[R]), i.e. `Selection.node_index` and `Selection.num_selected`."""
+    rows, cols = inp.parents.shape
+    if rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    flat, _, k, _, _, _ = _phases(inp)
+    return flat % cols, k
+
+
+def _phases(inp: SelectionInput) -> tuple[np.ndarray, ...]:
+    """Both phases for R >= 1 requests. Returns the selected nodes' flat ids (r * M + j) sorted
+    by (request, node), the nodes per request after the SLO phase (k1) and after both (k), each
+    request's f prefix sums over its nodes best first (csum), A(r) and A_cap(r)."""
+    rows, cols = inp.parents.shape
+    width = cols if inp.node_cap is None else min(cols, inp.node_cap)
+    flat_ids = _layout(rows, cols)[0]
+
+    # One unique key per node: bits(-log f) high, flat id r * M + j low. Validation made every
+    # log f <= 0, so clearing the sign bit gives the bits of -log f (and -0.0 -> +0.0: the root's
+    # key is the smallest); padding gets +inf bits.
+    keys = (inp.log_f.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)
+    if inp.num_nodes.min() < cols:
+        keys = np.where(flat_ids[0] < inp.num_nodes[:, None], keys, _INF_BITS)
+    keys <<= 31
+    keys |= flat_ids
+    keys.sort(axis=1)
+    skeys = keys[:, :width]  # [R, C]: each request's nodes, best first
+    f = (skeys >> 31).astype(np.int32).view(np.float32)  # -log f, sorted ascending
+    np.negative(f, out=f)
+    np.exp(f, out=f)  # f32[R, C] path probabilities, padding -> 0
+    csum = f.cumsum(axis=1, dtype=np.float64)  # [R, C] f-sum of the first j + 1 nodes
+    avail = np.minimum(inp.num_nodes, width).astype(np.int64)  # selectable nodes per request
+
+    # SLO phase: nodes needed to reach A_cap, then granted most-behind first.
+    need = slo_need(inp.elapsed_s, inp.decoded, inp.tpot_slo_s, inp.t_iter_s, inp.remaining)
+    target = np.minimum(need, inp.max_depth + 1.0)
+    # Node j + 1 is still wanted while the first j + 1 nodes sum to less than A_cap.
+    wanted = np.minimum((csum[:, :-1] < target[:, None]).sum(axis=1) + 1, avail)
+    priority = (-need).argsort(kind="stable")
+    extra = wanted[priority] - 1
+    spare = inp.budget - rows - (extra.cumsum() - extra)
+    k1 = np.ones(rows, dtype=np.int64)
+    k1[priority] += np.minimum(np.maximum(spare, 0), extra)
+
+    # Throughput phase: the `left` smallest keys among nodes not yet taken and within the cap.
+    left = inp.budget - int(k1.sum())
+    rank = flat_ids[0, :width]
+    eligible = (rank >= k1[:, None]) & (rank < avail[:, None])
+    pool = skeys[eligible]
+    if left <= 0 or pool.size == 0:
+        k = k1
+    elif left >= pool.size:
+        k = avail
+    else:
+        pool.partition(left - 1)
+        threshold = pool[left - 1]
+        # Rows are sorted, so `skeys <= threshold` is a prefix of each row; the phase adds the
+        # part of that prefix past k1 (and within the cap).
+        k = np.maximum(k1, np.minimum((skeys <= threshold).sum(axis=1), avail))
+
+    flat = skeys[rank < k[:, None]]
+    flat &= _LOW31
+    flat.sort()  # the selected nodes' flat ids, i.e. sorted by (request, node)
+    return flat, k1, k, csum, need, target

@@ -10,8 +10,9 @@ submitted at t = 0 and prefilled; then `iterations` steady-state decode iteratio
 Host time = the scheduler's CPU time per `step()` minus the simulated engine's own CPU time
 (the device's work in a real deployment), i.e. admission, budget rule, selection, segment
 building, the acceptance walk and bookkeeping. The share divides it by the iteration's
-simulated (virtual) latency, the paper's "0.41%" metric. `selection` is the budget rule +
-selector alone (CPU time; `selection_wall_ms` is the scheduler's own wall-clock
+simulated (virtual) latency, the paper's "0.41%" metric. `selection` is
+`Scheduler._adaserve_select` alone: sibling ranks, calibration, budget rule and selector (CPU
+time; `selection_wall_ms` is the scheduler's own wall-clock
 `select_seconds`, inflated when other processes share the cores). `--hotspots` prints a cProfile
 of the largest configuration.
 """
@@ -56,9 +57,9 @@ def measure(profile, calibration, policy: str, running: int, budget: int, iterat
     sel_cpu = [0.0]
     inner_select = sched._adaserve_select
 
-    def timed_select(decode, trees):  # CPU time of the budget rule + selector
+    def timed_select(*args):  # CPU time of calibration + budget rule + selector
         c = time.thread_time()
-        out = inner_select(decode, trees)
+        out = inner_select(*args)
         sel_cpu[0] += time.thread_time() - c
         return out
 

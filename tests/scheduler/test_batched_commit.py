@@ -1,4 +1,5 @@
-"""The scheduler's batched acceptance walk and calibrator feed equal the per-tree versions."""
+"""The scheduler's batched acceptance walks (padded and flat) and calibrator feed equal the
+per-tree versions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaserve_jax.engine.batch import ragged_index
-from adaserve_jax.engine.tree import accept_path, accept_paths
+from adaserve_jax.engine.tree import accept_nodes, accept_path, accept_paths
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator
 from adaserve_jax.scheduler.loop import Scheduler
 
@@ -66,8 +67,13 @@ def test_batched_walk_and_observations_match_per_tree(trees):
     # the scheduler's batched feed, on a stand-in scheduler, with what selection recorded
     stub = types.SimpleNamespace(calibrator=AcceptanceCalibrator())
     row_of, col, _ = ragged_index(lens)
-    flat = [np.concatenate([t[k] for t in trees]) for k in (3, 4, 5)]
-    Scheduler._observe_trees(stub, parents, acc, row_of, col, *flat)
+    flat = [np.concatenate([t[k] for t in trees]) for k in (0, 3, 4, 5)]  # parents, log f, ...
+    up = np.arange(col.size) - col + np.maximum(flat[0], 0)  # flat parent index
+    # the flat walk (pointer doubling) accepts the same nodes as the padded one
+    tok, tgt = (np.concatenate([t[k] for t in trees]) for k in (1, 2))
+    match = (tok == tgt[up]) | (flat[0] < 0)
+    assert np.array_equal(accept_nodes(up, match), acc[row_of, col])
+    Scheduler._observe_trees(stub, acc[row_of, col], up, *flat)
     got = [np.concatenate(x) for x in zip(*stub.calibrator._pending, strict=True)]
     want = [np.concatenate(x) for x in zip(*ref._pending, strict=True)] if ref._pending else []
     assert len(got) == len(want)

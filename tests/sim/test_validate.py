@@ -11,7 +11,7 @@ from adaserve_jax.sim.validate import main as validate_main
 PROFILE = {
     "verify_ms": {"1": 4.0, "4": 6.0, "16": 9.0, "64": 20.0},
     "draft_ms": {"1": 1.0, "4": 1.2, "16": 1.5, "64": 3.0},
-    "expand_ms": {"2,1,1": 2.5},
+    "expand_ms": {"2,1,1": {"1": 2.0, "4": 2.5}},
     "baseline_tpot_ms": 4.0,
 }
 
