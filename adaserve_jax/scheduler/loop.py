@@ -153,8 +153,13 @@ class Scheduler:
         # speculative iteration re-checks the choice with fresh trees. The gap starts at
         # `explore_every` and doubles (up to `explore_max`) while explorations keep choosing
         # roots only, so a machine where speculation does not pay wastes little on drafting
+        # While the draft is off its cache falls behind by a token per request and iteration;
+        # once the catch-up would pass half the budget, the next roots-only iteration also
+        # runs the draft over it (a draft step, no expansion, no tree), so the exploration
+        # schedule, not the backlog, decides when to speculate again.
         self._draft_off = False
         self._draft_off_iters = 0
+        self._catch_up_tokens = 0  # > 0: this roots-only iteration catches the draft up
         self.explore_every = 8
         self.explore_max = 64
         self._explore_gap = self.explore_every
@@ -216,9 +221,13 @@ class Scheduler:
         prefilling = []  # running = decoding + prefilling requests
         if len(decode) < len(self.running):
             prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
+        self._catch_up_tokens = 0
         spec = self.policy.speculative and bool(decode) and not self._skip_drafting(decode)
         self._select_seconds = 0.0
-        reserve = self._decode_reserve(decode, prefilling) if spec else len(decode)
+        if spec:
+            reserve = self._decode_reserve(decode, prefilling)
+        else:
+            reserve = max(len(decode), self._catch_up_tokens)
         prefill = self._plan_prefill(prefilling, budget=self.token_budget - reserve)
         self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
@@ -231,8 +240,15 @@ class Scheduler:
             decode_segs, decode_tokens = self._speculate(decode, prefill, prefill_segs)
         else:
             decode_segs, decode_tokens = self._root_segments(decode), len(decode)
-            if prefill_segs and self.engine.has_draft and self.policy.speculative:
-                self.engine.draft_step(prefill_segs)  # keep the draft's prefill in step
+            draft_segs = []
+            if self._catch_up_tokens:
+                draft_segs = self._catch_up_chains(decode, self._roster_of(decode))[0]
+            if (prefill_segs or draft_segs) and self.engine.has_draft and self.policy.speculative:
+                # keep the draft's prefill (and, when due, its decode backlog) in step
+                self.engine.draft_step(draft_segs + prefill_segs)
+                if draft_segs:
+                    for r in decode:
+                        r.draft_cached = r.cached + 1
                 for r, n in prefill:
                     r.draft_cached = r.cached + n
         moves, self._moves = self._moves, []
@@ -268,11 +284,13 @@ class Scheduler:
         """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
-        # catch-up chains, + 1 step
-        lag = sum([r.cached + 2 for r in decode]) - sum([r.draft_cached for r in decode])
-        if self._draft_off_iters >= self._explore_gap or 2 * lag > self.token_budget:
-            return False
+        if self._draft_off_iters >= self._explore_gap:
+            return False  # explore
         self._draft_off_iters += 1
+        # the draft's catch-up chains up to the pending tokens; + 1 step
+        lag = sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
+        if 2 * (lag + len(decode)) > self.token_budget:
+            self._catch_up_tokens = lag
         return True
 
     def _decode_reserve(self, decode: list[RequestState], prefilling: list[RequestState]) -> int:
@@ -337,6 +355,28 @@ class Scheduler:
             self._roster = Roster.build(decode)
         return self._roster
 
+    def _catch_up_chains(self, decode: list[RequestState], roster: Roster):
+        """The draft's catch-up segments: for every decoding request the tokens its draft
+        cache lacks, up to and including the pending token (the next tree's root).
+
+        Returns (segments, flat tokens i32, chain lengths, chain ends, cached list, output
+        lengths list)."""
+        cached_l = [r.cached for r in decode]
+        behind_l = [r.draft_cached for r in decode]
+        out_len_l = []
+        catch_up: list[int] = []
+        for r, p, a, c in zip(decode, roster.prompt_len, behind_l, cached_l, strict=True):
+            out = r.output
+            out_len_l.append(len(out))
+            catch_up += out[a - p : c + 1 - p] if a >= p else r.tokens_between(a, c + 1)
+        lens = np.array(cached_l, np.int64) + 1 - np.array(behind_l, np.int64)
+        ends = lens.cumsum()
+        if len(catch_up) != ends[-1]:
+            raise RuntimeError("draft catch-up chains do not match the requests' KV rows")
+        chains = np.array(catch_up, np.int32)
+        draft_segs = segments(roster.slots_l, behind_l, chains, None, ends.tolist())
+        return draft_segs, chains, lens, ends, cached_l, out_len_l
+
     def _speculate(
         self,
         decode: list[RequestState],
@@ -352,21 +392,8 @@ class Scheduler:
         n = len(decode)
         roster = self._roster_of(decode)
         slots_l, slots = roster.slots_l, roster.slots
-        cached_l = [r.cached for r in decode]
-        behind_l = [r.draft_cached for r in decode]
-        out_len_l = []
-        catch_up: list[int] = []  # the tokens each draft cache lacks, up to the root
-        for r, p, a, c in zip(decode, roster.prompt_len, behind_l, cached_l, strict=True):
-            out = r.output
-            out_len_l.append(len(out))
-            catch_up += out[a - p : c + 1 - p] if a >= p else r.tokens_between(a, c + 1)
+        draft_segs, chains, lens, ends, cached_l, out_len_l = self._catch_up_chains(decode, roster)
         cached = np.array(cached_l, np.int64)
-        lens = cached + 1 - np.array(behind_l, np.int64)
-        ends = lens.cumsum()
-        if len(catch_up) != ends[-1]:
-            raise RuntimeError("draft catch-up chains do not match the requests' KV rows")
-        chains = np.array(catch_up, np.int32)
-        draft_segs = segments(slots_l, behind_l, chains, None, ends.tolist())
         vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
         s = self.engine.num_slots
         root_vals = np.zeros((s, vals.shape[1]), np.float32)

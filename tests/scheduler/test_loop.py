@@ -297,3 +297,39 @@ def test_adaserve_reserve_is_admission_control():
     assert first[1] < first[64]
     with pytest.raises(ValueError, match="adaserve_reserve"):
         Scheduler(MockEngine(), policy="adaserve", token_budget=64, adaserve_reserve=0)
+
+
+def test_adaserve_catches_the_draft_up_without_speculating_while_it_is_off():
+    """With the draft off, its cache falls a token per request behind every iteration. When
+    the backlog nears half the budget a roots-only iteration runs the draft over it (a draft
+    step, no tree); speculative iterations stay as rare as the exploration schedule, and the
+    output is still the target's."""
+
+    class Counting(MockEngine):
+        expands = 0
+        catch_ups: list[int] = []
+
+        def expand(self, *args):
+            self.expands += 1
+            return super().expand(*args)
+
+        def draft_step(self, segments):
+            self.catch_ups.append(sum(len(s) for s in segments))
+            return super().draft_step(segments)
+
+    steep = LatencyProfile.from_tables({1: 1.0, 8: 1.0, 9: 50.0, 64: 60.0}, draft_ms={1: 0.1})
+    eng = Counting(num_slots=8)
+    sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=steep)
+    reqs = [_req(i, prompt_len=4, max_tokens=150, tpot_slo_ms=1e4) for i in range(8)]
+    states = [sched.submit(r) for r in reqs]
+    sched.run_until_done()
+    for r, s in zip(reqs, states, strict=True):
+        assert s.output == _expected(r)
+    decoding = sum(1 for r in sched.step_log if r.decode_requests)
+    # explorations every 8, 16, 32, 64 iterations (plus the first), never every ~3 iterations
+    # as a backlog-forced speculative step would make it
+    assert eng.expands <= 8 and decoding >= 140
+    # the backlog (8 tokens an iteration) was caught up in plain iterations whenever it
+    # passed 24 tokens: draft steps over several tokens per request, without a tree
+    assert sum(n > 8 for n in eng.catch_ups) >= decoding // 4 - eng.expands
+    assert max(eng.catch_ups[1:]) <= 32
