@@ -126,54 +126,38 @@ class TrainConfig:
         return self.batch_size, self.seq_len
 
 
+_DRAFT = TrainConfig(
+    steps=900,
+    decay_frac=0.15,
+    lr=3e-3,
+    warmup_steps=10,
+    distill_alpha=0.9,
+    embed_from_teacher=True,
+    teacher_dir="checkpoints/target",
+    run_dir="runs/draft",
+    export_dir="checkpoints/draft",
+)
+
 PRESETS: dict[str, tuple[Any, TrainConfig]] = {
-    "target": (
-        ModelConfig.target_small,
-        TrainConfig(),
-    ),
-    "draft": (
-        ModelConfig.draft_small,
-        TrainConfig(
-            steps=900,
-            decay_frac=0.15,
-            lr=3e-3,
-            warmup_steps=10,
-            distill_alpha=0.9,
-            embed_from_teacher=True,
-            teacher_dir="checkpoints/target",
-            run_dir="runs/draft",
-            export_dir="checkpoints/draft",
-        ),
-    ),
+    "target": (ModelConfig.target_small, TrainConfig()),
+    "draft": (ModelConfig.draft_small, _DRAFT),
     # The shipped pair continues both: run target, draft, target-cont, draft-cont in this order.
+    # Each warm-starts from its base preset's export (new schedule, new run dir, new seed).
     "target-cont": (
         ModelConfig.target_small,
-        TrainConfig(
-            steps=1000,
-            lr=1e-3,
-            warmup_steps=20,
-            seed=1,
-            init_from="checkpoints/target",
-            run_dir="runs/target_cont",
-            export_dir="checkpoints/target",
+        dataclasses.replace(
+            TrainConfig(), steps=1000, lr=1e-3, warmup_steps=20, seed=1,
+            init_from="checkpoints/target", run_dir="runs/target_cont",
         ),
     ),
     "draft-cont": (
         ModelConfig.draft_small,
-        TrainConfig(
-            steps=600,
-            decay_frac=0.15,
-            lr=1e-3,
-            warmup_steps=10,
-            seed=2,
-            distill_alpha=0.9,
-            teacher_dir="checkpoints/target",
-            init_from="checkpoints/draft",
-            run_dir="runs/draft_cont",
-            export_dir="checkpoints/draft",
+        dataclasses.replace(
+            _DRAFT, steps=600, lr=1e-3, seed=2, embed_from_teacher=False,
+            init_from="checkpoints/draft", run_dir="runs/draft_cont",
         ),
     ),
-}
+}  # fmt: skip
 
 
 # ---- data ------------------------------------------------------------------------------------

@@ -105,7 +105,11 @@ def _median_ms(dev: DeviceModel, tokens: int, context: int, head: str, repeats: 
         t0 = time.perf_counter()
         dev.run([seg], head=head)
         times.append(time.perf_counter() - t0)
-    # a low quantile: other processes on the machine only ever add time
+    return _low_quantile_ms(times)
+
+
+def _low_quantile_ms(times: list[float]) -> float:
+    """ms of a low quantile of `times` (s): other processes on the machine only ever add time."""
     return float(statistics.quantiles(times, n=5)[0]) * 1e3 if len(times) >= 5 else min(times) * 1e3
 
 
@@ -137,8 +141,7 @@ def _expand_ms(expander, shape, rows: int, context: int, repeats: int) -> float:
         return time.perf_counter() - t0
 
     once()
-    times = [once() for _ in range(repeats)]
-    return float(statistics.quantiles(times, n=5)[0]) * 1e3 if len(times) >= 5 else min(times) * 1e3
+    return _low_quantile_ms([once() for _ in range(repeats)])
 
 
 def measure_profile(

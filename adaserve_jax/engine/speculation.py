@@ -138,11 +138,11 @@ class DraftDevice:
         trees = self._call_expand(rows_vals, rows_toks, slots, pos, shape, ctx)
         out = [np.asarray(x) for x in trees]
         # back to one row per slot; idle slots get the first row's (placeholder) tree
-        full = [np.broadcast_to(x[:1], (vals.shape[0], *x.shape[1:])).copy() for x in out]
+        full = [np.repeat(x[:1], vals.shape[0], axis=0) for x in out]
         for f, x in zip(full, out, strict=True):
             f[active] = x[:n]
         tokens, parents, log_f, in_cache = full
-        in_cache[np.setdiff1d(np.arange(vals.shape[0]), active)] = False
+        in_cache[root_pos < 0] = False
         return DraftTrees(tokens, parents, log_f, tree_depths(parents), in_cache)
 
     def _call_expand(self, vals, toks, slots, root_pos, shape: TreeShape, ctx: int):

@@ -124,8 +124,7 @@ class AcceptanceCalibrator:
         self._scale = bins / -self.log_q_min
         self.verified = np.zeros((ranks, depths, bins))  # [rank, depth - 1, bin]
         self.accepted = np.zeros((ranks, depths, bins))
-        self._table: np.ndarray | None = None  # [ranks * depths, bins] log rates (lazy)
-        self._flat_table = np.zeros(0)  # the same, flat
+        self._table: np.ndarray | None = None  # [ranks * depths * bins] log rates (lazy)
         self._pending: list[tuple[np.ndarray, ...]] = []
 
     def _bin(self, log_q: np.ndarray) -> np.ndarray:
@@ -241,8 +240,7 @@ class AcceptanceCalibrator:
         """Calibrated log P(accepted | parent accepted) for raw conditional log q at child
         `depth` and sibling `rank` (same shapes)."""
         if self._table is None:
-            self._table = np.log(self.rates()).reshape(-1, self.bins)
-            self._flat_table = self._table.ravel()
+            self._table = np.log(self.rates()).ravel()
         x = np.asarray(log_q, np.float64)
         d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
         row = np.minimum(np.asarray(rank, np.int64), self.ranks - 1) * self.depths + d
@@ -252,7 +250,7 @@ class AcceptanceCalibrator:
         lo = np.minimum(pos.astype(np.int64), self.bins - 2)
         frac = pos - lo
         at = row * self.bins + lo  # flat index of (row, lo) in the table
-        table = self._flat_table
+        table = self._table
         out = table[at] * (1 - frac) + table[at + 1] * frac
         # below the lowest center: continue with slope 1 (stays monotone, tends to 0)
         np.add(out, below, out=out, where=below < 0)

@@ -139,8 +139,6 @@ class Scheduler:
         # the flat arrays `_speculate` cut this step's verify segments from, for `_commit_trees`
         self._verify: tuple | None = None
         self._roster: Roster | None = None  # the decoding requests' fixed fields, as arrays
-        # (rows, depth) -> (profile, drafting ms of an iteration): the same every iteration
-        self._draft_ms: dict[tuple[int, int], tuple[LatencyProfile, float]] = {}
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
@@ -481,12 +479,7 @@ class Scheduler:
         if self.profile is not None:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
-                key = (n * shape.width, depth)
-                hit = self._draft_ms.get(key)
-                if hit is None or hit[0] is not self.profile:
-                    hit = (self.profile, depth * float(self.profile.draft.latency_ms(key[0])))
-                    self._draft_ms[key] = hit
-                draft_ms = hit[1]
+                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
             choice = choose_budget_from_trees(
                 self.profile,
                 log_f,
@@ -534,15 +527,8 @@ class Scheduler:
         `accept_nodes`); queue KV compaction; feed the calibrator; emit tokens. Returns the
         drafted tokens accepted."""
         n_req = len(decode)
-        if self._verify is not None:  # what `_speculate` built the segments from
-            lens, row_of, col, tokens, parents, cached_l, slots = self._verify
-        else:
-            lens = np.fromiter((len(s) for s in segs), np.int64, n_req)
-            row_of, col, _ = ragged_index(lens)
-            tokens = np.concatenate([s.tokens for s in segs])
-            parents = np.concatenate([s.parents for s in segs])
-            cached_l = [r.cached for r in decode]
-            slots = np.array([r.slot for r in decode], np.int64)
+        # the flat arrays `_speculate` cut `segs` from
+        lens, row_of, col, tokens, parents, cached_l, slots = self._verify
         self._verify = None
         nodes = np.arange(col.size)
         root = nodes - col  # flat index of each node's root
@@ -623,66 +609,58 @@ class Scheduler:
             r.phase = Phase.PREFILL
             self.running.append(r)
 
+    def _emit(self, r: RequestState, tokens: list[int], now: float) -> None:
+        """Append produced tokens, applying the finish rules token by token."""
+        self._emit_chunks([r], tokens, (len(tokens),), now)
+
     def _emit_chunks(
         self, reqs: list[RequestState], tokens: list[int], ends: Sequence[int], now: float
     ) -> None:
-        """`_emit(reqs[i], tokens[ends[i - 1]:ends[i]], now)` for every request, with the common
-        case (no finish rule can fire: no EOS in the chunk, below max_tokens, no stop strings)
-        inline."""
-        eos = self.eos_id
-        stops = self.decode_text is not None
-        on_tokens = self.on_tokens
+        """`_emit(reqs[i], tokens[ends[i - 1]:ends[i]], now)` for every request: a chunk in
+        which no finish rule fires (no EOS, below max_tokens, no stop string) is appended whole;
+        otherwise the rules run token by token (`_finish_rules`)."""
+        eos, decode_text, on_tokens = self.eos_id, self.decode_text, self.on_tokens
         a = 0
         for r, b in zip(reqs, ends, strict=True):
             chunk = tokens[a:b]
+            a = b
             out, req = r.output, r.request
+            stop = req.stop if decode_text is not None else ()
+            reason = None
             if (
                 (eos is None or eos not in chunk)
-                and len(out) + b - a < req.max_tokens
-                and not (stops and req.stop)
+                and len(out) + len(chunk) < req.max_tokens
+                and not (stop and any(x in decode_text(out + chunk) for x in stop))
             ):
                 out += chunk
-                if r.first_token_time is None:
-                    r.first_token_time = now
-                r.last_token_time = now
-                if on_tokens is not None and chunk:
-                    on_tokens(r, chunk)
+                kept = chunk
             else:
-                self._emit(r, chunk, now)
-            a = b
+                kept, reason = self._finish_rules(r, chunk)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.last_token_time = now
+            if on_tokens is not None and kept:
+                on_tokens(r, kept)
+            if reason is not None:
+                self._finish(r, reason)
 
-    def _emit(self, r: RequestState, tokens: list[int], now: float) -> None:
-        """Append produced tokens, applying the finish rules token by token."""
+    def _finish_rules(
+        self, r: RequestState, tokens: list[int]
+    ) -> tuple[list[int], FinishReason | None]:
+        """Append `tokens` one at a time until a finish rule fires; (kept tokens, reason)."""
         kept: list[int] = []
-        reason = None
-        stop = r.request.stop if self.decode_text is not None else ()
-        if (
-            (self.eos_id is None or self.eos_id not in tokens)
-            and len(r.output) + len(tokens) < r.request.max_tokens
-            and not (stop and any(x in self.decode_text(r.output + tokens) for x in stop))
-        ):  # no rule fires in this chunk (the common case): append it whole
-            r.output.extend(tokens)
-            kept, tokens = tokens, []
         for tok in tokens:
             kept.append(tok)
             r.output.append(tok)
             if self.eos_id is not None and tok == self.eos_id:
-                reason = FinishReason.EOS
-            elif len(r.output) >= r.request.max_tokens:
-                reason = FinishReason.LENGTH
-            elif r.request.stop and self.decode_text is not None:
+                return kept, FinishReason.EOS
+            if len(r.output) >= r.request.max_tokens:
+                return kept, FinishReason.LENGTH
+            if r.request.stop and self.decode_text is not None:
                 text = self.decode_text(r.output)
                 if any(s in text for s in r.request.stop):
-                    reason = FinishReason.STOP
-            if reason is not None:
-                break
-        if r.first_token_time is None:
-            r.first_token_time = now
-        r.last_token_time = now
-        if self.on_tokens is not None and kept:
-            self.on_tokens(r, kept)
-        if reason is not None:
-            self._finish(r, reason)
+                    return kept, FinishReason.STOP
+        return kept, None
 
     def _finish(self, r: RequestState, reason: FinishReason) -> None:
         r.finish_reason = reason

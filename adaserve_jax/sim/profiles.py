@@ -106,28 +106,34 @@ class SimProfile:
         return LatencyProfile(self.verify, self.draft, self.host_ms)
 
 
-def _curve(path: Path, data: dict, field: str) -> LatencyCurve:
-    table = data[field]
+def _ms_table(path, label: str, table, key_kind: str) -> dict[int, float]:
+    """A {count: ms} object -> {int >= 1: float >= 0}; ProfileError naming the file and the
+    field (`label`) otherwise."""
     if not isinstance(table, dict) or not table:
-        raise ProfileError(f"{path}: field {field!r} must be a non-empty {{tokens: ms}} object")
+        raise ProfileError(f"{path}: field {label} must be a non-empty {{{key_kind}: ms}} object")
     parsed = {}
     for key, ms in table.items():
         try:
-            tokens = int(key)
+            n = int(key)
         except (TypeError, ValueError):
-            raise ProfileError(
-                f"{path}: field {field!r}: key {key!r} is not a token count"
-            ) from None
-        if isinstance(ms, bool) or not isinstance(ms, int | float):
-            raise ProfileError(f"{path}: field {field!r}[{key!r}] = {ms!r} is not a number")
-        parsed[tokens] = float(ms)
+            n = 0
+        if n < 1:
+            raise ProfileError(f"{path}: field {label}: key {key!r} is not a {key_kind} count")
+        if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
+            raise ProfileError(f"{path}: field {label}[{key!r}] = {ms!r} is not a number >= 0")
+        parsed[n] = float(ms)
+    return parsed
+
+
+def _curve(path, data: dict, field: str) -> LatencyCurve:
+    parsed = _ms_table(path, repr(field), data[field], "token")
     try:
         return LatencyCurve.from_dict(parsed)
     except ValueError as exc:
         raise ProfileError(f"{path}: field {field!r}: {exc}") from None
 
 
-def _expand_table(path: Path, table) -> dict:
+def _expand_table(path, table) -> dict:
     """{"d,w,k": {"rows": ms}} -> {(d, w, k): (rows, ms)} sorted by rows; ProfileError naming
     the field and the entry."""
     field = "expand_ms"
@@ -141,21 +147,7 @@ def _expand_table(path: Path, table) -> dict:
             shape = ()
         if len(shape) != 3 or min(shape) < 1:
             raise ProfileError(f"{path}: field {field!r}: key {key!r} is not 'depth,width,topk'")
-        if not isinstance(rows, dict) or not rows:
-            raise ProfileError(f"{path}: field {field!r}[{key!r}] must be a {{rows: ms}} object")
-        parsed = {}
-        for r, ms in rows.items():
-            try:
-                n = int(r)
-            except (TypeError, ValueError):
-                n = 0
-            if n < 1:
-                raise ProfileError(f"{path}: field {field!r}[{key!r}]: {r!r} is not a row count")
-            if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
-                raise ProfileError(
-                    f"{path}: field {field!r}[{key!r}][{r!r}] = {ms!r} is not a number >= 0"
-                )
-            parsed[n] = float(ms)
+        parsed = _ms_table(path, f"{field!r}[{key!r}]", rows, "row")
         order = sorted(parsed)
         out[shape] = (tuple(order), tuple(parsed[n] for n in order))
     return out
@@ -170,6 +162,12 @@ def load_profile_file(path: str | Path) -> SimProfile:
         raise ProfileError(f"{path}: cannot read profile: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON: {exc}") from None
+    return parse_profile(data, path)
+
+
+def parse_profile(data, path: str | Path = "<profile>") -> SimProfile:
+    """Validate a profile's JSON object (`path` names it in errors; a file's path, or where
+    the object came from); ProfileError naming the field."""
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a JSON object, got {type(data).__name__}")
     for field in ("verify_ms", "baseline_tpot_ms"):
@@ -197,7 +195,7 @@ def load_profile_file(path: str | Path) -> SimProfile:
         kwargs[field] = kind(v)
     try:
         return SimProfile(
-            name=str(data.get("name", path.stem)),
+            name=str(data.get("name", Path(str(path)).stem)),
             verify=verify,
             draft=draft,
             description=str(data.get("description", "")),

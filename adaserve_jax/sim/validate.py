@@ -19,19 +19,19 @@ engine's device calls), instead of one constant for every policy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
 from adaserve_jax.sim.calibration import load_calibration
-from adaserve_jax.sim.profiles import load_profile, load_profile_file
+from adaserve_jax.sim.profiles import load_profile, parse_profile
 from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, tokenized_lengths
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_profile(settings: dict, host_ms: float = 0.0):
+def _bench_profile(settings: dict, host_ms: float = 0.0, source: str = "bench JSON"):
     prof = settings.get("latency_profile")
     if not prof:
         raise SystemExit("error: the bench JSON records no latency_profile; use --profile local")
@@ -45,9 +45,7 @@ def _bench_profile(settings: dict, host_ms: float = 0.0):
         "expand_rows": "all",
         "host_ms": host_ms,
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(data, f)
-    return load_profile_file(f.name)
+    return parse_profile(data, f"{source}: settings.latency_profile")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError:
         ap.error(f"--host-ms {args.host_ms!r}: expected a number of ms or 'measured'")
     if args.profile == "bench":
-        profile = _bench_profile(st, host_ms)
+        profile = _bench_profile(st, host_ms, args.bench_json)
     else:
         profile = load_profile(args.profile)
     baseline = real["baseline_tpot_ms"]
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
                         "no host_ms_per_iteration (re-run the bench)"
                     )
-                profile = _bench_profile(st, rs["host_ms_per_iteration"])
+                profile = dataclasses.replace(profile, host_ms=rs["host_ms_per_iteration"])
             sims = []
             for seed in range(args.seeds):
                 settings = SimSettings(
