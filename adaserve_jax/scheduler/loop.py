@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from adaserve_jax.scheduler.budget import (
     choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
+from adaserve_jax.scheduler.pacing import pace_step
 from adaserve_jax.scheduler.policy import (
     ADASERVE_RESERVE,
     Policy,
@@ -97,6 +99,7 @@ class Scheduler:
         on_finish: Callable[[RequestState], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         profile: LatencyProfile | None = None,
+        slo_pacing: bool = True,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"{token_budget=} must be >= 1")
@@ -130,6 +133,11 @@ class Scheduler:
         # adaserve: tokens per decoding request kept from prefill (policy.ADASERVE_RESERVE)
         self.adaserve_reserve = adaserve_reserve
         self.profile = profile
+        # adaserve with a profile: in iterations without speculation (one token per request),
+        # requests ahead of their SLO may sit out a step and prompt chunks are sized to the
+        # decoding requests' slack (scheduler/pacing.py)
+        self.slo_pacing = bool(slo_pacing)
+        self.max_skips = 4
         self.calibrator = AcceptanceCalibrator()
         # what `_speculate` recorded of the nodes it sent to verify, flat over this step's
         # trees in `decode` order, for `_commit_trees`: (raw log f, depth, sibling rank) for
@@ -222,11 +230,15 @@ class Scheduler:
         self._catch_up_tokens = 0
         spec = self.policy.speculative and bool(decode) and not self._skip_drafting(decode)
         self._select_seconds = 0.0
+        prefill_budget = self.token_budget
         if spec:
             reserve = self._decode_reserve(decode, prefilling)
         else:
+            if decode and self._pacing_applies():
+                decode, limit = self._pace(decode, prefilling)
+                prefill_budget = min(prefill_budget, limit)
             reserve = max(len(decode), self._catch_up_tokens)
-        prefill = self._plan_prefill(prefilling, budget=self.token_budget - reserve)
+        prefill = self._plan_prefill(prefilling, budget=prefill_budget - reserve)
         self._prefill_tokens = sum(n for _, n in prefill)
         prefill_segs = [
             Segment.chain(
@@ -277,6 +289,41 @@ class Scheduler:
                 select_seconds=self._select_seconds,
             )
         )
+
+    def _pacing_applies(self) -> bool:
+        return (
+            self.slo_pacing and self.profile is not None and self.policy.kind is PolicyKind.ADASERVE
+        )
+
+    def _pace(
+        self, decode: list[RequestState], prefilling: list[RequestState]
+    ) -> tuple[list[RequestState], int]:
+        """SLO pacing of a plain-decoding step: the requests in it and the step's token limit
+        (prompts of requests with a TTFT SLO and the prefill floor are never held back)."""
+        t0 = time.perf_counter()
+        roster = self._roster_of(decode)
+        out_len = np.array([len(r.output) for r in decode], np.int64)
+        slo = roster.tpot_slo_s
+        slack = np.maximum(out_len - 1, 0) * slo - roster.elapsed(self.clock())
+        choice = pace_step(
+            slack,
+            slo,
+            roster.max_tokens - out_len,
+            np.array([r.skipped for r in decode], np.int64),
+            _step_seconds(self.profile, self.token_budget),
+            max_skips=self.max_skips,
+        )
+        floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
+        limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
+        kept = []
+        for r, keep in zip(decode, choice.include.tolist(), strict=True):
+            if keep:
+                r.skipped = 0
+                kept.append(r)
+            else:
+                r.skipped += 1
+        self._select_seconds += time.perf_counter() - t0
+        return kept, limit
 
     def _skip_drafting(self, decode: list[RequestState]) -> bool:
         """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
@@ -671,3 +718,16 @@ class Scheduler:
             self._moves = [m for m in self._moves if m.slot != r.slot]
         if self.on_finish is not None:
             self.on_finish(r)
+
+
+@functools.lru_cache(maxsize=16)
+def _step_seconds(profile: LatencyProfile, max_tokens: int) -> np.ndarray:
+    """f64[max_tokens + 1]: a plain step's seconds by tokens carried, priced at the compiled
+    bucket it pads to (+ the profile's host overhead); read-only, cached."""
+    buckets = np.asarray(profile.buckets)
+    tokens = np.arange(max_tokens + 1)
+    padded = buckets[np.minimum(np.searchsorted(buckets, tokens), buckets.size - 1)]
+    padded = np.maximum(padded, tokens)  # past the last bucket: the curve's extrapolation
+    out = (np.asarray(profile.verify.latency_ms(padded.astype(float))) + profile.host_ms) / 1e3
+    out.flags.writeable = False
+    return out

@@ -75,6 +75,7 @@ class RequestState:
     finish_reason: FinishReason | None = None
     error: str | None = None
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
+    skipped: int = 0  # decoding steps sat out in a row (SLO pacing, scheduler/pacing.py)
 
     @property
     def prompt_len(self) -> int:
