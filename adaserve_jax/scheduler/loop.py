@@ -37,7 +37,7 @@ from adaserve_jax.scheduler.budget import (
     choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
-from adaserve_jax.scheduler.pacing import pace_step
+from adaserve_jax.scheduler.pacing import gate_prompts, pace_step
 from adaserve_jax.scheduler.policy import (
     ADASERVE_RESERVE,
     Policy,
@@ -47,7 +47,7 @@ from adaserve_jax.scheduler.policy import (
     parse_policy,
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
-from adaserve_jax.scheduler.roster import Roster
+from adaserve_jax.scheduler.roster import NO_SLO_MS, Roster
 from adaserve_jax.scheduler.segments import moves, segments
 from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
 
@@ -235,7 +235,7 @@ class Scheduler:
             reserve = self._decode_reserve(decode, prefilling)
         else:
             if decode and self._pacing_applies():
-                decode, limit = self._pace(decode, prefilling)
+                decode, prefilling, limit = self._pace(decode, prefilling)
                 prefill_budget = min(prefill_budget, limit)
             reserve = max(len(decode), self._catch_up_tokens)
         prefill = self._plan_prefill(prefilling, budget=prefill_budget - reserve)
@@ -297,22 +297,26 @@ class Scheduler:
 
     def _pace(
         self, decode: list[RequestState], prefilling: list[RequestState]
-    ) -> tuple[list[RequestState], int]:
-        """SLO pacing of a plain-decoding step: the requests in it and the step's token limit
-        (prompts of requests with a TTFT SLO and the prefill floor are never held back)."""
+    ) -> tuple[list[RequestState], list[RequestState], int]:
+        """SLO pacing of a plain-decoding step (scheduler/pacing.py): the decoding requests in
+        it, the prompts that may be prefilled, and the step's token limit. Prompts of requests
+        with a TTFT SLO and the prefill floor are never held back."""
         t0 = time.perf_counter()
-        roster = self._roster_of(decode)
-        out_len = np.array([len(r.output) for r in decode], np.int64)
-        slo = roster.tpot_slo_s
-        slack = np.maximum(out_len - 1, 0) * slo - roster.elapsed(self.clock())
-        choice = pace_step(
+        slo, slack, remaining = self._slack(decode)
+        step_s = _step_seconds(self.profile, self.token_budget)
+        skipped = np.array([r.skipped for r in decode], np.int64)
+        choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
+        gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
+        ok = gate_prompts(
             slack,
             slo,
-            roster.max_tokens - out_len,
-            np.array([r.skipped for r in decode], np.int64),
-            _step_seconds(self.profile, self.token_budget),
-            max_skips=self.max_skips,
+            remaining,
+            step_s,
+            np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in gated]),
+            np.array([r.request.max_tokens for r in gated], np.int64),
         )
+        let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}
+        prefilling = [r for r in prefilling if r.request.ttft_slo_ms is not None or id(r) in let_in]
         floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
         limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
         kept = []
@@ -323,13 +327,37 @@ class Scheduler:
             else:
                 r.skipped += 1
         self._select_seconds += time.perf_counter() - t0
-        return kept, limit
+        return kept, prefilling, limit
+
+    def _slack(self, decode: list[RequestState]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(TPOT SLO s, slack s, tokens remaining) of the decoding requests (pacing.py)."""
+        roster = self._roster_of(decode)
+        out_len = np.array([len(r.output) for r in decode], np.int64)
+        slo = roster.tpot_slo_s
+        slack = np.maximum(out_len - 1, 0) * slo - roster.elapsed(self.clock())
+        return slo, slack, roster.max_tokens - out_len
+
+    def _exploration_affordable(self, decode: list[RequestState]) -> bool:
+        """With SLO pacing: a speculative exploration (trees for every decoding request, at
+        least a node each, plus the draft's steps) waits until every request that can still
+        attain its SLO has the slack to absorb it."""
+        if not self._pacing_applies() or self.policy.shape is None:
+            return True
+        slo, slack, remaining = self._slack(decode)
+        cap = slo + np.where(slack >= 0, slack, slack / np.maximum(remaining, 1))
+        step_s = _step_seconds(self.profile, self.token_budget)
+        n, depth = len(decode), self.policy.shape.depth
+        est = float(step_s[min(2 * n, self.token_budget)])
+        if self.profile.draft is not None:
+            est += depth * float(self.profile.draft.latency_ms(n)) / 1e3
+        live = cap >= step_s[1]
+        return bool(np.all(cap[live] >= est))
 
     def _skip_drafting(self, decode: list[RequestState]) -> bool:
         """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
-        if self._draft_off_iters >= self._explore_gap:
+        if self._draft_off_iters >= self._explore_gap and self._exploration_affordable(decode):
             return False  # explore
         self._draft_off_iters += 1
         # the draft's catch-up chains up to the pending tokens; + 1 step

@@ -16,14 +16,19 @@ Per decoding request `r` (the paper's TPOT: decoding time over tokens decoded af
              = slo_r + slack_r / remaining_r         slack_r < 0: repay the deficit evenly
     after a step of `t` seconds, r is *on track* when
              in the step:   t <= cap_r               (it gains at least one token)
-             out of it:     t <= slack_r             (it gains nothing, its clock runs)
+             out of it:     2 t <= cap_r             (its token can come with the next step)
 
 The choice (exact for this one step): for every step size `k` = 1 .. n (the step's time is
-`t_k = step(k)`), the requests that can be in (`t_k <= cap`) but not out (`t_k > slack`) go in
+`t_k = step(k)`), the requests that can be in (`t_k <= cap`) but not out (`2 t_k > cap`) go in
 first, then the ones that are on track either way, then the rest; the on-track count of size
 `k` is `min(k, #need) + #either`. Take the `k` with the most requests on track, ties to the
 larger `k` (more tokens per step). Prompt tokens then fill the step up to the shortest `cap` of
-the on-track requests in it and the shortest `slack` of the on-track requests left out.
+the on-track requests in it and half the shortest `cap` of the on-track requests left out.
+
+A prompt's last chunk yields its request's first token, and from then on its TPOT clock runs:
+`gate_prompts` lets a waiting prompt be prefilled only when its request, joining the decoding
+ones with no slack, would add one request on track (so two tight requests are served one after
+the other rather than both too slowly).
 
 Guards: a request that has sat out `max_skips` steps in a row is always in (no starvation; a
 request that can no longer attain its SLO still finishes); requests without an SLO never
@@ -84,7 +89,7 @@ def pace_step(
         return PacingChoice(np.ones(n, bool), _fill_to(step, n, limit), int(track.sum()))
     t = step[1 : n + 1][:, None]  # [n, 1] step time by size k = 1..n
     can_in = cap[None, :] >= t  # [k, n]
-    can_out = slack[None, :] >= t
+    can_out = cap[None, :] >= 2 * t
     need = can_in & ~can_out
     either = can_in & can_out
     n_force = int(forced.sum())
@@ -104,9 +109,58 @@ def pace_step(
     include[order[:k]] = True
     in_track = include & can_in[row]
     out_track = ~include & can_out[row]
-    limit = min(cap[in_track].min(initial=np.inf), slack[out_track].min(initial=np.inf))
+    limit = min(cap[in_track].min(initial=np.inf), cap[out_track].min(initial=np.inf) / 2)
     on_track = int(in_track.sum() + out_track.sum())
     return PacingChoice(include, _fill_to(step, k, limit), on_track)
+
+
+def gate_prompts(
+    slack_s: np.ndarray,
+    slo_s: np.ndarray,
+    remaining: np.ndarray,
+    step_s: np.ndarray,
+    new_slo_s: np.ndarray,
+    new_remaining: np.ndarray,
+) -> np.ndarray:
+    """bool[m]: which of `m` waiting prompts (in order) may be prefilled now.
+
+    Prompt j is let in when pacing the decoding requests plus the ones let in before it plus j
+    (slack 0, SLO `new_slo_s[j]`) keeps one more request on track than without j. A step can
+    hold at most `len(step_s) - 1` decoding requests; prompts past that wait.
+    """
+    slack = np.asarray(slack_s, np.float64)
+    slo = np.asarray(slo_s, np.float64)
+    rem = np.asarray(remaining, np.int64)
+    new_slo = np.asarray(new_slo_s, np.float64)
+    new_rem = np.asarray(new_remaining, np.int64)
+    m, room = new_slo.shape[0], len(step_s) - 1 - slack.shape[0]
+    ok = np.zeros(m, bool)
+    if m == 0 or room <= 0:
+        return ok
+    n_all = slack.shape[0] + min(m, room)
+    cap = slo + np.where(slack >= 0, slack, slack / np.maximum(rem, 1))
+    all_cap = np.concatenate([cap, new_slo[:room]])
+    t_all = step_s[n_all]
+    if np.all((all_cap >= t_all) | (all_cap < step_s[1])) and np.all(new_slo[:room] >= t_all):
+        ok[:room] = True  # everyone fits in every step: nobody waits
+        return ok
+    skipped = np.zeros(slack.shape[0], np.int64)
+    base = pace_step(slack, slo, rem, skipped, step_s).on_track if slack.size else 0
+    for j in range(m):
+        if slack.shape[0] >= len(step_s) - 1:
+            break
+        trial = (
+            np.append(slack, 0.0),
+            np.append(slo, new_slo[j]),
+            np.append(rem, new_rem[j]),
+        )
+        got = pace_step(*trial, np.append(skipped, 0), step_s).on_track
+        if got >= base + 1:
+            ok[j] = True
+            slack, slo, rem = trial
+            skipped = np.append(skipped, 0)
+            base = got
+    return ok
 
 
 def _fill_to(step: np.ndarray, k: int, limit: float) -> int:

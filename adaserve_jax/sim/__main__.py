@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="adaserve: tokens per step kept for waiting prompts before candidate trees",
     )
+    ap.add_argument(
+        "--no-slo-pacing",
+        dest="slo_pacing",
+        action="store_false",
+        help="adaserve: every decoding request rides in every step (scheduler/pacing.py)",
+    )
     ap.add_argument("--max-len", type=positive(int), default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="use real prompt token counts")
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
             token_budget=args.token_budget,
             prefill_chunk=args.prefill_chunk,
             prefill_floor=args.prefill_floor,
+            slo_pacing=args.slo_pacing,
             max_len=args.max_len,
             seed=args.seed,
         )
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
             "token_budget": settings.token_budget,
             "prefill_chunk": settings.prefill_chunk,
             "prefill_floor": settings.prefill_floor,
+            "slo_pacing": settings.slo_pacing,
             "max_len": settings.max_len,
             "seed": settings.seed,
             "tokenizer": args.tokenizer,

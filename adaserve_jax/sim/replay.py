@@ -46,6 +46,7 @@ class SimSettings:
     token_budget: int = 1024  # tokens per verify step
     prefill_chunk: int = 512  # sarathi's per-step prefill chunk
     prefill_floor: int = 0  # adaserve: tokens per step kept for prompts before trees
+    slo_pacing: bool = True  # adaserve: SLO pacing of plain-decoding steps (scheduler/pacing.py)
     max_len: int = 4096  # context per slot
     seed: int = 0
 
@@ -153,6 +154,7 @@ def simulate(
         token_budget=settings.token_budget,
         prefill_chunk=settings.prefill_chunk,
         prefill_floor=settings.prefill_floor,
+        slo_pacing=settings.slo_pacing,
         clock=clock,
         profile=profile.latency_profile(),
         on_finish=lambda s: finished.append(clock()),

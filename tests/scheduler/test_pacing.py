@@ -1,4 +1,4 @@
-"""SLO pacing: exact small cases, optimality against brute force, and the loop on a virtual clock."""
+"""SLO pacing: exact small cases, optimality against brute force, the loop on a virtual clock."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ STEEP = np.array([0.0, 4.0, 5.4, 7.0, 7.0, 8.9, 8.9, 8.9, 8.9]) / 1e3
 
 def _on_track(include, slack, cap, step) -> int:
     t = step[int(include.sum())]
-    return int(((cap >= t) & include).sum() + ((slack >= t) & ~include).sum())
+    return int(((cap >= t) & include).sum() + ((cap >= 2 * t) & ~include).sum())
 
 
 def test_a_tight_request_decodes_alone_while_loose_ones_have_slack():
@@ -31,11 +31,12 @@ def test_a_tight_request_decodes_alone_while_loose_ones_have_slack():
     assert choice.include.tolist() == [True, False, False]
     assert choice.on_track == 3
     assert choice.max_tokens == 1  # a prompt token would make the 4.0 ms step 5.4 ms
-    # the loose ones' slack is used up: they need this step, which makes it too long for the
-    # tight one whatever it does; it rides along (a token more, nobody else later)
-    slack = np.array([0.0, 3.0, 3.0]) / 1e3
-    choice = pace_step(slack, slo, np.full(3, 50), np.zeros(3), STEEP)
-    assert choice.include.all() and choice.on_track == 2
+    # two chat requests (SLO 6.7 ms) with no slack cannot sit out a 4.0 ms step; both fit a
+    # 5.4 ms step, which the coding request cannot join: two on track beat one
+    slo = np.array([4.8, 6.7, 6.7]) / 1e3
+    choice = pace_step(np.zeros(3), slo, np.full(3, 50), np.zeros(3), STEEP)
+    assert choice.include.tolist() == [False, True, True] and choice.on_track == 2
+    assert choice.max_tokens == 2
 
 
 def test_everyone_rides_when_the_step_is_short_enough_for_all():
@@ -92,9 +93,9 @@ def test_choice_keeps_the_most_requests_on_track(reqs, increments):
     assert k <= choice.max_tokens < step.size
     t_k, t_max = step[k], step[choice.max_tokens]
     in_track = choice.include & (cap >= t_k)
-    out_track = ~choice.include & (slack >= t_k)
+    out_track = ~choice.include & (cap >= 2 * t_k)
     if choice.max_tokens > k:
-        assert np.all(cap[in_track] >= t_max) and np.all(slack[out_track] >= t_max)
+        assert np.all(cap[in_track] >= t_max) and np.all(cap[out_track] >= 2 * t_max)
     again = pace_step(slack, slo, rem, np.zeros(n), step)
     assert again.include.tolist() == choice.include.tolist()
     assert again.max_tokens == choice.max_tokens
