@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from adaserve_jax.scheduler.budget import (
     choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
-from adaserve_jax.scheduler.pacing import gate_prompts, pace_step
+from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step
 from adaserve_jax.scheduler.policy import (
     ADASERVE_RESERVE,
     Policy,
@@ -137,6 +136,7 @@ class Scheduler:
         # requests ahead of their SLO may sit out a step and prompt chunks are sized to the
         # decoding requests' slack (scheduler/pacing.py)
         self.slo_pacing = bool(slo_pacing)
+        self._times: StepTimes | None = None  # plain-step seconds by tokens (observed)
         self.max_skips = 4
         self.calibrator = AcceptanceCalibrator()
         # what `_speculate` recorded of the nodes it sent to verify, flat over this step's
@@ -279,6 +279,8 @@ class Scheduler:
                 self._emit(r, [int(sampled[off + n - 1])], now)
         if spec:
             self.calibrator.flush()
+        elif self._pacing_applies():
+            self._step_times().observe(decode_tokens + self._prefill_tokens, now - t0)
         self.iterations += 1
         self.step_log.append(
             StepRecord(
@@ -303,7 +305,7 @@ class Scheduler:
         with a TTFT SLO and the prefill floor are never held back."""
         t0 = time.perf_counter()
         slo, slack, remaining = self._slack(decode)
-        step_s = _step_seconds(self.profile, self.token_budget)
+        step_s = self._step_times().seconds()
         skipped = np.array([r.skipped for r in decode], np.int64)
         choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
         gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
@@ -329,6 +331,14 @@ class Scheduler:
         self._select_seconds += time.perf_counter() - t0
         return kept, prefilling, limit
 
+    def _step_times(self) -> StepTimes:
+        if self._times is None:
+            prof = self.profile
+            buckets = np.asarray(prof.buckets)
+            ms = np.asarray(prof.verify.latency_ms(buckets.astype(float)), np.float64)
+            self._times = StepTimes(buckets, (ms + prof.host_ms) / 1e3, self.token_budget)
+        return self._times
+
     def _slack(self, decode: list[RequestState]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(TPOT SLO s, slack s, tokens remaining) of the decoding requests (pacing.py)."""
         roster = self._roster_of(decode)
@@ -345,7 +355,7 @@ class Scheduler:
             return True
         slo, slack, remaining = self._slack(decode)
         cap = slo + np.where(slack >= 0, slack, slack / np.maximum(remaining, 1))
-        step_s = _step_seconds(self.profile, self.token_budget)
+        step_s = self._step_times().seconds()
         n, depth = len(decode), self.policy.shape.depth
         est = float(step_s[min(2 * n, self.token_budget)])
         if self.profile.draft is not None:
@@ -746,16 +756,3 @@ class Scheduler:
             self._moves = [m for m in self._moves if m.slot != r.slot]
         if self.on_finish is not None:
             self.on_finish(r)
-
-
-@functools.lru_cache(maxsize=16)
-def _step_seconds(profile: LatencyProfile, max_tokens: int) -> np.ndarray:
-    """f64[max_tokens + 1]: a plain step's seconds by tokens carried, priced at the compiled
-    bucket it pads to (+ the profile's host overhead); read-only, cached."""
-    buckets = np.asarray(profile.buckets)
-    tokens = np.arange(max_tokens + 1)
-    padded = buckets[np.minimum(np.searchsorted(buckets, tokens), buckets.size - 1)]
-    padded = np.maximum(padded, tokens)  # past the last bucket: the curve's extrapolation
-    out = (np.asarray(profile.verify.latency_ms(padded.astype(float))) + profile.host_ms) / 1e3
-    out.flags.writeable = False
-    return out

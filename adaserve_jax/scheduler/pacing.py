@@ -125,7 +125,8 @@ def gate_prompts(
     """bool[m]: which of `m` waiting prompts (in order) may be prefilled now.
 
     Prompt j is let in when pacing the decoding requests plus the ones let in before it plus j
-    (slack 0, SLO `new_slo_s[j]`) keeps one more request on track than without j. A step can
+    (slack 0, SLO `new_slo_s[j]`) keeps one more request on track than without j (as many, for
+    a request whose SLO is below a one-token step: it cannot attain it anyway). A step can
     hold at most `len(step_s) - 1` decoding requests; prompts past that wait.
     """
     slack = np.asarray(slack_s, np.float64)
@@ -155,12 +156,46 @@ def gate_prompts(
             np.append(rem, new_rem[j]),
         )
         got = pace_step(*trial, np.append(skipped, 0), step_s).on_track
-        if got >= base + 1:
+        # one more on track; a request that cannot attain its SLO even alone comes in when it
+        # costs nobody theirs
+        if got >= base + (1 if new_slo[j] >= step_s[1] else 0):
             ok[j] = True
             slack, slo, rem = trial
             skipped = np.append(skipped, 0)
             base = got
     return ok
+
+
+class StepTimes:
+    """Seconds of a plain step by tokens carried, as the scheduler experiences them.
+
+    Starts from the latency profile (each token count priced at the compiled bucket it pads to,
+    plus the profile's host overhead) and follows the iterations actually observed: each bucket
+    keeps an exponential moving average of the wall time of plain iterations that padded to it,
+    so a stale profile or the host's own time does not mislead pacing. `seconds()` is
+    non-decreasing in tokens.
+    """
+
+    def __init__(self, buckets, bucket_s, max_tokens: int, smoothing: float = 0.2) -> None:
+        self.buckets = np.asarray(buckets, np.int64)
+        self.bucket_s = np.asarray(bucket_s, np.float64).copy()
+        tokens = np.arange(max_tokens + 1)
+        self._index = np.minimum(np.searchsorted(self.buckets, tokens), self.buckets.size - 1)
+        self.smoothing = float(smoothing)
+        self._table: np.ndarray | None = None
+
+    def seconds(self) -> np.ndarray:
+        """f64[max_tokens + 1]: step seconds by tokens carried (index 0 unused)."""
+        if self._table is None:
+            self._table = np.maximum.accumulate(self.bucket_s[self._index])
+        return self._table
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if not (0 < tokens < self._index.size) or not np.isfinite(seconds) or seconds <= 0:
+            return
+        b = self._index[tokens]
+        self.bucket_s[b] += self.smoothing * (seconds - self.bucket_s[b])
+        self._table = None
 
 
 def _fill_to(step: np.ndarray, k: int, limit: float) -> int:
