@@ -36,7 +36,7 @@ from adaserve_jax.scheduler.budget import (
     choose_budget_from_trees,
 )
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
-from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step
+from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step, step_caps
 from adaserve_jax.scheduler.policy import (
     ADASERVE_RESERVE,
     Policy,
@@ -303,6 +303,9 @@ class Scheduler:
         """SLO pacing of a plain-decoding step (scheduler/pacing.py): the decoding requests in
         it, the prompts that may be prefilled, and the step's token limit. Prompts of requests
         with a TTFT SLO and the prefill floor are never held back."""
+        if len(decode) == 1 and not prefilling:
+            decode[0].skipped = 0
+            return decode, prefilling, self.token_budget  # nothing to choose
         t0 = time.perf_counter()
         slo, slack, remaining = self._slack(decode)
         step_s = self._step_times().seconds()
@@ -354,7 +357,7 @@ class Scheduler:
         if not self._pacing_applies() or self.policy.shape is None:
             return True
         slo, slack, remaining = self._slack(decode)
-        cap = slo + np.where(slack >= 0, slack, slack / np.maximum(remaining, 1))
+        cap = step_caps(slack, slo, remaining)
         step_s = self._step_times().seconds()
         n, depth = len(decode), self.policy.shape.depth
         est = float(step_s[min(2 * n, self.token_budget)])

@@ -12,8 +12,9 @@ every request in the step and pacing changes nothing.
 Per decoding request `r` (the paper's TPOT: decoding time over tokens decoded after the first):
 
     slack_r  = decoded_r * slo_r - elapsed_r        seconds ahead (>= 0) or behind (< 0) its SLO
-    cap_r    = slo_r + slack_r                       slack_r >= 0: the longest step it may join
+    cap_r    = slo_r + max(slack_r - reserve_r, 0)   slack_r >= 0: the longest step it may join
              = slo_r + slack_r / remaining_r         slack_r < 0: repay the deficit evenly
+    reserve_r = margin * slo_r * remaining_r         slack kept against step-time noise
     after a step of `t` seconds, r is *on track* when
              in the step:   t <= cap_r               (it gains at least one token)
              out of it:     2 t <= cap_r             (its token can come with the next step)
@@ -41,6 +42,19 @@ import dataclasses
 
 import numpy as np
 
+# fraction of each remaining token's SLO kept as slack against step-time noise: slack is spent
+# (a longer step, a prompt chunk, sitting out) only beyond it
+NOISE_MARGIN = 0.1
+
+
+def step_caps(slack_s, slo_s, remaining, margin: float = NOISE_MARGIN) -> np.ndarray:
+    """f64[n]: the longest step (seconds) each request may join and stay on track."""
+    slack = np.asarray(slack_s, np.float64)
+    slo = np.asarray(slo_s, np.float64)
+    rem = np.maximum(np.asarray(remaining, np.int64), 1)
+    spare = np.maximum(slack - margin * slo * rem, 0.0)
+    return slo + np.where(slack >= 0, spare, slack / rem)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PacingChoice:
@@ -60,6 +74,7 @@ def pace_step(
     step_s: np.ndarray,
     *,
     max_skips: int = 4,
+    margin: float = NOISE_MARGIN,
 ) -> PacingChoice:
     """The pacing choice for `n` decoding requests (see the module docstring).
 
@@ -78,8 +93,7 @@ def pace_step(
     budget = step.shape[0] - 1
     if n == 0:
         return PacingChoice(np.zeros(0, bool), budget, 0)
-    rem = np.maximum(np.asarray(remaining, np.int64), 1)
-    cap = slo + np.where(slack >= 0, slack, slack / rem)
+    cap = step_caps(slack, slo, remaining, margin)
     forced = np.asarray(skipped) >= max_skips
     # fast path: everyone in, and the step stays short enough for all who can be on track
     t_all = step[n]
@@ -121,6 +135,7 @@ def gate_prompts(
     step_s: np.ndarray,
     new_slo_s: np.ndarray,
     new_remaining: np.ndarray,
+    margin: float = NOISE_MARGIN,
 ) -> np.ndarray:
     """bool[m]: which of `m` waiting prompts (in order) may be prefilled now.
 
@@ -139,14 +154,14 @@ def gate_prompts(
     if m == 0 or room <= 0:
         return ok
     n_all = slack.shape[0] + min(m, room)
-    cap = slo + np.where(slack >= 0, slack, slack / np.maximum(rem, 1))
+    cap = step_caps(slack, slo, rem, margin)
     all_cap = np.concatenate([cap, new_slo[:room]])
     t_all = step_s[n_all]
     if np.all((all_cap >= t_all) | (all_cap < step_s[1])) and np.all(new_slo[:room] >= t_all):
         ok[:room] = True  # everyone fits in every step: nobody waits
         return ok
     skipped = np.zeros(slack.shape[0], np.int64)
-    base = pace_step(slack, slo, rem, skipped, step_s).on_track if slack.size else 0
+    base = pace_step(slack, slo, rem, skipped, step_s, margin=margin).on_track if slack.size else 0
     for j in range(m):
         if slack.shape[0] >= len(step_s) - 1:
             break
@@ -155,7 +170,7 @@ def gate_prompts(
             np.append(slo, new_slo[j]),
             np.append(rem, new_rem[j]),
         )
-        got = pace_step(*trial, np.append(skipped, 0), step_s).on_track
+        got = pace_step(*trial, np.append(skipped, 0), step_s, margin=margin).on_track
         # one more on track; a request that cannot attain its SLO even alone comes in when it
         # costs nobody theirs
         if got >= base + (1 if new_slo[j] >= step_s[1] else 0):

@@ -39,6 +39,14 @@ def test_a_tight_request_decodes_alone_while_loose_ones_have_slack():
     assert choice.max_tokens == 2
 
 
+def test_slack_is_spent_only_beyond_the_noise_reserve():
+    slo, rem = np.array([4.8e-3]), np.array([10])
+    # 10 tokens to go keep 10% x 4.8 ms x 10 = 4.8 ms of slack in reserve
+    assert pace_step(np.array([4.0e-3]), slo, rem, np.zeros(1), STEEP).max_tokens == 1
+    assert pace_step(np.array([5.5e-3]), slo, rem, np.zeros(1), STEEP).max_tokens == 2
+    assert pace_step(np.array([4.0e-3]), slo, rem, np.zeros(1), STEEP, margin=0.0).max_tokens == 4
+
+
 def test_everyone_rides_when_the_step_is_short_enough_for_all():
     flat = np.full(9, 4.0e-3)
     flat[0] = 0.0
@@ -80,7 +88,7 @@ def test_choice_keeps_the_most_requests_on_track(reqs, increments):
     rem = np.array([r[2] for r in reqs])
     step = np.concatenate([[0.0], 3.5e-3 + np.cumsum(increments) / 1e3])
     n = len(reqs)
-    choice = pace_step(slack, slo, rem, np.zeros(n), step)
+    choice = pace_step(slack, slo, rem, np.zeros(n), step, margin=0.0)
     cap = slo + np.where(slack >= 0, slack, slack / rem)
     best = max(
         _on_track(np.isin(np.arange(n), subset), slack, cap, step)
@@ -96,7 +104,7 @@ def test_choice_keeps_the_most_requests_on_track(reqs, increments):
     out_track = ~choice.include & (cap >= 2 * t_k)
     if choice.max_tokens > k:
         assert np.all(cap[in_track] >= t_max) and np.all(cap[out_track] >= 2 * t_max)
-    again = pace_step(slack, slo, rem, np.zeros(n), step)
+    again = pace_step(slack, slo, rem, np.zeros(n), step, margin=0.0)
     assert again.include.tolist() == choice.include.tolist()
     assert again.max_tokens == choice.max_tokens
 
