@@ -105,6 +105,8 @@ class Engine:
         # Single-request autoregressive TPOT at near-zero load; the profiler measures it.
         self.baseline_tpot_ms: float = 30.0
         self.policy = parse_policy(policy)
+        # adaserve: SLO pacing of plain-decoding steps (scheduler/pacing.py)
+        self.slo_pacing = True
         self.max_queue = max_queue
         self._service: ServingLoop | None = None
         policies = [policy, *policies]
@@ -313,6 +315,7 @@ class Engine:
             policy=policy,
             token_budget=self.token_budget,
             profile=self.latency_profile,
+            slo_pacing=self.slo_pacing,
             eos_id=cfg.eos_token_id,
             decode_text=decode,
             **kwargs,

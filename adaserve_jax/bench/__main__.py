@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "overhead and current machine load)",
     )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
+    ap.add_argument(
+        "--no-slo-pacing",
+        dest="slo_pacing",
+        action="store_false",
+        help="adaserve: every decoding request rides in every step (scheduler/pacing.py)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--simulate", metavar="PROFILE", help="simulated engine (SIMULATION.md)")
     args = ap.parse_args(argv)
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if engine.latency_profile is None:
         engine.run_profile(reprofile=args.reprofile, progress=progress)
+    engine.slo_pacing = args.slo_pacing
     print(
         f"engine ready in {time.perf_counter() - t0:.1f} s; baseline TPOT "
         f"{engine.baseline_tpot_ms:.2f} ms; SLOs (ms): "
@@ -223,6 +230,7 @@ def _settings(args, engine, num_requests: int, scales, speculative: bool) -> dic
         "token_buckets": list(engine.target.token_buckets),
         "ctx_buckets": list(engine.target.ctx_buckets),
         "max_len": engine.max_len,
+        "slo_pacing": args.slo_pacing,
         "latency_profile": _read_profile(engine),
         "cpu_count": os.cpu_count(),
     }

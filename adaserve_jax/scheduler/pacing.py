@@ -184,32 +184,39 @@ def gate_prompts(
 class StepTimes:
     """Seconds of a plain step by tokens carried, as the scheduler experiences them.
 
-    Starts from the latency profile (each token count priced at the compiled bucket it pads to,
-    plus the profile's host overhead) and follows the iterations actually observed: each bucket
-    keeps an exponential moving average of the wall time of plain iterations that padded to it,
-    so a stale profile or the host's own time does not mislead pacing. `seconds()` is
-    non-decreasing in tokens.
+    Starts from the latency profile plus its host overhead: each token count priced at the
+    compiled bucket it pads to (`padded`, the real engine) or on the interpolated curve (an
+    engine that prices every count, e.g. the simulator's paper profile). It then follows the
+    plain iterations actually observed with an exponential moving average (per bucket when
+    padded, per token count otherwise), so a stale profile or the host's own time does not
+    mislead pacing. `seconds()` is non-decreasing in tokens.
     """
 
-    def __init__(self, buckets, bucket_s, max_tokens: int, smoothing: float = 0.2) -> None:
-        self.buckets = np.asarray(buckets, np.int64)
-        self.bucket_s = np.asarray(bucket_s, np.float64).copy()
+    def __init__(self, profile, max_tokens: int, *, padded: bool = True, smoothing=0.2) -> None:
         tokens = np.arange(max_tokens + 1)
-        self._index = np.minimum(np.searchsorted(self.buckets, tokens), self.buckets.size - 1)
+        buckets = np.asarray(profile.buckets)
+        if padded:
+            group = np.minimum(np.searchsorted(buckets, tokens), buckets.size - 1)
+            priced = np.maximum(buckets[group], tokens)  # past the last bucket: extrapolated
+        else:
+            group, priced = tokens, np.maximum(tokens, 1)
+        self._group = group  # tokens -> the entries one observation updates
+        ms = np.asarray(profile.verify.latency_ms(priced.astype(float)), np.float64)
+        self._s = (ms + profile.host_ms) / 1e3
         self.smoothing = float(smoothing)
         self._table: np.ndarray | None = None
 
     def seconds(self) -> np.ndarray:
         """f64[max_tokens + 1]: step seconds by tokens carried (index 0 unused)."""
         if self._table is None:
-            self._table = np.maximum.accumulate(self.bucket_s[self._index])
+            self._table = np.maximum.accumulate(self._s)
         return self._table
 
     def observe(self, tokens: int, seconds: float) -> None:
-        if not (0 < tokens < self._index.size) or not np.isfinite(seconds) or seconds <= 0:
+        if not (0 < tokens < self._s.size) or not np.isfinite(seconds) or seconds <= 0:
             return
-        b = self._index[tokens]
-        self.bucket_s[b] += self.smoothing * (seconds - self.bucket_s[b])
+        same = self._group == self._group[tokens]
+        self._s[same] += self.smoothing * (seconds - self._s[tokens])
         self._table = None
 
 

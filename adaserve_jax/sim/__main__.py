@@ -200,6 +200,8 @@ def run_from_bench_args(bench: argparse.Namespace) -> dict:
         argv += ["--token-budget", str(bench.token_budget)]
     if bench.max_prompt_len:
         argv += ["--max-prompt-len", str(bench.max_prompt_len)]
+    if not bench.slo_pacing:
+        argv += ["--no-slo-pacing"]
     if bench.json_out:
         argv += ["--json", str(bench.json_out)]
     if bench.plot:

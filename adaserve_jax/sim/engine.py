@@ -76,6 +76,7 @@ class SimEngine:
         self.num_slots = num_slots
         self.max_len = max_len
         self.has_draft = True
+        self.pads_to_buckets = profile.pad_to_buckets  # how a step is priced (pacing reads it)
         self.clock = clock or VirtualClock()
         self.rng = np.random.default_rng(seed)
         self.draft_topk = max(draft_topk, calibration.topk)
