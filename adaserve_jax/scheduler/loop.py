@@ -8,7 +8,10 @@ A request's life:
   3. Every iteration builds one flat batch under the token budget: first the
      DECODE requests (each a tree: the pending token as root, plus any
      speculated nodes the policy selects), then chunks of PREFILL prompts with
-     what is left (chunked prefill shares the budget with decoding).
+     what is left (chunked prefill shares the budget with decoding). AdaServe
+     on hardware where batching slows the step paces its plain steps: a request
+     ahead of its SLO may sit out, and a prompt waits until its request can
+     keep its SLO once decoding (scheduler/pacing.py).
   4. The engine runs the batch; the tokens a request gains are appended to its
      output and streamed to `on_tokens`; the prompt's last chunk yields the first
      output token and moves the request to DECODE.

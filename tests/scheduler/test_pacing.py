@@ -152,3 +152,37 @@ def _run(pacing: bool):
 def test_pacing_lets_the_tight_request_attain_without_losing_the_loose_ones():
     assert _run(pacing=False) == [False, True, True]  # all in every step: 7 ms > 4.8 ms
     assert _run(pacing=True) == [True, True, True]
+
+
+def test_pacing_is_on_only_where_batching_slows_the_step():
+    steep = LatencyProfile.from_tables({1: 4.0, 2: 5.4, 4: 7.0, 8: 8.9})
+    paper = LatencyProfile.from_tables({1: 30.0, 128: 55.0, 256: 85.0})  # flat below 128
+
+    def applies(profile, pads=True, **kw):
+        eng = MockEngine(num_slots=2)
+        eng.pads_to_buckets = pads
+        return Scheduler(eng, policy="adaserve", token_budget=64, profile=profile, **kw)
+
+    assert applies(steep)._pacing_applies()
+    assert not applies(steep, slo_pacing=False)._pacing_applies()
+    assert not applies(paper, pads=False)._pacing_applies()  # 2 tokens: 30.2 ms
+    assert applies(paper, pads=True)._pacing_applies()  # 2 tokens pad to 128: 55 ms
+    assert not Scheduler(
+        MockEngine(num_slots=2), policy="sarathi", token_budget=64, profile=steep
+    )._pacing_applies()
+
+
+def test_step_times_follow_observed_iterations():
+    from adaserve_jax.scheduler.pacing import StepTimes
+
+    prof = LatencyProfile.from_tables({1: 4.0, 2: 5.4, 4: 7.0, 8: 8.9}, host_ms=0.5)
+    times = StepTimes(prof, 8)
+    assert times.seconds()[3] == times.seconds()[4]  # 3 tokens pad to bucket 4
+    assert abs(times.seconds()[4] - 7.5e-3) < 1e-12
+    for _ in range(50):
+        times.observe(3, 9.0e-3)  # the bucket-4 step really takes 9 ms
+    table = times.seconds()
+    assert abs(table[4] - 9.0e-3) < 1e-5 and table[5] >= table[4]  # stays non-decreasing
+    assert abs(table[2] - 5.9e-3) < 1e-12  # other buckets untouched
+    loose = StepTimes(prof, 8, padded=False)
+    assert abs(loose.seconds()[3] - 6.7e-3) < 1e-9  # interpolated between 2 and 4
