@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
                 settings = SimSettings(
                     max_batch=st["max_batch"], token_budget=st["token_budget"], prefill_chunk=64,
                     max_len=max_len, seed=seed,
+                    # runs recorded before SLO pacing existed ran without it
+                    slo_pacing=bool(st.get("slo_pacing", False)),
                 )  # fmt: skip
                 sims.append(simulate(profile, cal, policy, requests, arrivals, settings).summary)
             att = sum(s["attainment"] for s in sims) / len(sims)
