@@ -141,6 +141,10 @@ class Scheduler:
         self.slo_pacing = bool(slo_pacing)
         self._times: StepTimes | None = None  # plain-step seconds by tokens (observed)
         self._pacing_on: bool | None = None  # decided once, from the profile
+        # with pacing: moving average of how much longer a speculative iteration took than the
+        # budget rule's estimate (draft and verify calls, host), charged to drafting from then on
+        self._spec_overrun_ms = 0.0
+        self._spec_predicted_s: float | None = None
         self.max_skips = 4
         self.calibrator = AcceptanceCalibrator()
         # what `_speculate` recorded of the nodes it sent to verify, flat over this step's
@@ -283,6 +287,10 @@ class Scheduler:
                 self._emit(r, [int(sampled[off + n - 1])], now)
         if spec:
             self.calibrator.flush()
+            if self._spec_predicted_s is not None:
+                over = (now - t0 - self._spec_predicted_s) * 1e3
+                self._spec_overrun_ms += 0.2 * (over - self._spec_overrun_ms)
+                self._spec_predicted_s = None
         elif self._pacing_applies():
             self._step_times().observe(decode_tokens + self._prefill_tokens, now - t0)
         self.iterations += 1
@@ -578,6 +586,7 @@ class Scheduler:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
                 draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
+            draft_ms += max(self._spec_overrun_ms, 0.0)
             choice = choose_budget_from_trees(
                 self.profile,
                 log_f,
@@ -587,6 +596,8 @@ class Scheduler:
                 prefill_tokens=self._prefill_tokens,
             )
             budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
+            # with pacing: what a speculative iteration really took beyond this estimate
+            self._spec_predicted_s = t_iter if budget > n and self._pacing_applies() else None
             roots_only = budget <= n or choice.expected_accepted <= n * 1.25
             if roots_only and self._draft_off:  # an exploration confirmed the choice: back off
                 self._explore_gap = min(2 * self._explore_gap, self.explore_max)
