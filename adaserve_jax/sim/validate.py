@@ -13,7 +13,11 @@ recorded in its settings, so the comparison isolates the simulator's model of ac
 scheduling from profile drift; `--profile local` uses the shipped local profile.
 `--host-ms measured` adds to every simulated iteration the scheduler Python the real run
 measured for that policy and load (`host_ms_per_iteration`, iteration wall time outside the
-engine's device calls), instead of one constant for every policy.
+engine's device calls), instead of one constant for every policy. `--speed measured` scales
+the bench profile's device latencies by the run's measured baseline TPOT over the profile's
+(`--baseline measured` runs: how much slower or faster the machine was when the replay began
+than when the profile was taken; 1.19x in a run whose profile said 3.85 ms and whose lone
+request then took 4.57 ms).
 """
 
 from __future__ import annotations
@@ -31,15 +35,24 @@ from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, token
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_profile(settings: dict, host_ms: float = 0.0, source: str = "bench JSON"):
+def _scaled(table, speed: float):
+    """A {count: ms} table (or {shape: {rows: ms}}) with every latency times `speed`."""
+    if table is None:
+        return None
+    return {k: (_scaled(v, speed) if isinstance(v, dict) else v * speed) for k, v in table.items()}
+
+
+def _bench_profile(
+    settings: dict, host_ms: float = 0.0, source: str = "bench JSON", speed: float = 1.0
+):
     prof = settings.get("latency_profile")
     if not prof:
         raise SystemExit("error: the bench JSON records no latency_profile; use --profile local")
     data = {
         "name": "bench",
-        "verify_ms": prof["verify_ms"],
-        "draft_ms": prof.get("draft_ms"),
-        "expand_ms": prof.get("expand_ms"),
+        "verify_ms": _scaled(prof["verify_ms"], speed),
+        "draft_ms": _scaled(prof.get("draft_ms"), speed),
+        "expand_ms": _scaled(prof.get("expand_ms"), speed),
         "baseline_tpot_ms": prof["baseline_tpot_ms"],
         "pad_to_buckets": True,
         "expand_rows": "all",
@@ -61,6 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="host time per iteration added to the bench profile (the real engine's Python): "
         "ms, or 'measured' = each real run's own `host_ms_per_iteration`",
     )
+    ap.add_argument(
+        "--speed",
+        choices=("profile", "measured"),
+        default="profile",
+        help="measured: scale the bench profile's latencies by measured / profile baseline TPOT",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     real = json.loads(Path(args.bench_json).read_text())
@@ -72,8 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
         host_ms = 0.0 if measured_host else float(args.host_ms)
     except ValueError:
         ap.error(f"--host-ms {args.host_ms!r}: expected a number of ms or 'measured'")
+    speed = 1.0
+    if args.speed == "measured":
+        if args.profile != "bench" or st.get("baseline") != "measured":
+            ap.error("--speed measured needs --profile bench and a --baseline measured run")
+        speed = real["baseline_tpot_ms"] / st["profile_baseline_tpot_ms"]
     if args.profile == "bench":
-        profile = _bench_profile(st, host_ms, args.bench_json)
+        profile = _bench_profile(st, host_ms, args.bench_json, speed)
     else:
         profile = load_profile(args.profile)
     baseline = real["baseline_tpot_ms"]
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench_json": args.bench_json,
         "profile": profile.name,
         "host_ms": "measured" if measured_host else profile.host_ms,
+        "speed": speed,
         "calibration": cal.path,
         "rows": rows,
     }
