@@ -265,7 +265,8 @@ def test_sigterm_drains_in_flight_then_exits_0(server, client):
         for i in range(120)
     ]
     deadline = time.monotonic() + 10
-    while client.server_info().queue_depth < 8 and time.monotonic() < deadline:
+    # enough backlog that it cannot finish within the 2 s grace however fast the steps are
+    while client.server_info().queue_depth < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
