@@ -49,7 +49,7 @@ from adaserve_jax.scheduler.policy import (
     parse_policy,
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
-from adaserve_jax.scheduler.roster import NO_SLO_MS, Roster
+from adaserve_jax.scheduler.roster import Roster, tpot_slo_s
 from adaserve_jax.scheduler.segments import moves, segments
 from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
 
@@ -337,7 +337,7 @@ class Scheduler:
             slo,
             remaining,
             step_s,
-            np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in gated]),
+            tpot_slo_s(gated),
             np.array([r.request.max_tokens for r in gated], np.int64),
         )
         let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}

@@ -20,6 +20,11 @@ from adaserve_jax.scheduler.request import RequestState
 NO_SLO_MS = 1e9  # requests without a TPOT SLO are never behind
 
 
+def tpot_slo_s(reqs: Sequence[RequestState]) -> np.ndarray:
+    """f64[n]: each request's TPOT SLO in seconds (NO_SLO_MS when it has none)."""
+    return np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in reqs], np.float64)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Roster:
     """Fixed fields of the decoding requests `reqs`, one entry per request, in order.
@@ -50,7 +55,7 @@ class Roster:
             sampling=[r.request.sampling for r in reqs],
             prompt_len=[len(r.request.prompt_ids) for r in reqs],
             max_tokens=np.array([r.request.max_tokens for r in reqs], np.int64),
-            tpot_slo_s=np.array([(r.request.tpot_slo_ms or NO_SLO_MS) / 1e3 for r in reqs]),
+            tpot_slo_s=tpot_slo_s(reqs),
             first_token=np.array([t or 0.0 for t in first], np.float64),
             has_first=np.array([bool(t) for t in first], bool),
         )

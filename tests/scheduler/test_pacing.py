@@ -11,7 +11,7 @@ from mock_engine import MockEngine
 
 from adaserve_jax.scheduler.budget import LatencyProfile
 from adaserve_jax.scheduler.loop import Scheduler
-from adaserve_jax.scheduler.pacing import pace_step
+from adaserve_jax.scheduler.pacing import StepTimes, pace_step
 from adaserve_jax.scheduler.request import Request
 
 # step seconds by tokens carried (index = tokens), shaped like this CPU's buckets 1, 2, 4, 8
@@ -173,8 +173,6 @@ def test_pacing_is_on_only_where_batching_slows_the_step():
 
 
 def test_step_times_follow_observed_iterations():
-    from adaserve_jax.scheduler.pacing import StepTimes
-
     prof = LatencyProfile.from_tables({1: 4.0, 2: 5.4, 4: 7.0, 8: 8.9}, host_ms=0.5)
     times = StepTimes(prof, 8)
     assert times.seconds()[3] == times.seconds()[4]  # 3 tokens pad to bucket 4
