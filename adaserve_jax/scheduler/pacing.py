@@ -187,12 +187,22 @@ class StepTimes:
     Starts from the latency profile plus its host overhead: each token count priced at the
     compiled bucket it pads to (`padded`, the real engine) or on the interpolated curve (an
     engine that prices every count, e.g. the simulator's paper profile). It then follows the
-    plain iterations actually observed with an exponential moving average (per bucket when
-    padded, per token count otherwise), so a stale profile or the host's own time does not
-    mislead pacing. `seconds()` is non-decreasing in tokens.
+    plain iterations actually observed (per bucket when padded, per token count otherwise), so
+    a stale profile or the host's own time does not mislead pacing. `seconds()` is
+    non-decreasing in tokens.
+
+    The update is robust to outliers: each entry is its profile price times the median ratio
+    observed / priced over the last `window` observations of its bucket (the window starts
+    filled with ratio 1, the profile). Up to `window // 2` slow steps in a row (a shared
+    CPU's hiccup: 10 ms among 4 ms steps) leave the estimate where it was, and a lasting
+    change of the machine's speed is followed after `window // 2 + 1` steps. A moving average
+    jumped 20-30% on such outliers; with a TPOT SLO 1.2x a lone step, that made every tight
+    request look unattainable at once (pacing then stops protecting them and lets prompts in).
     """
 
-    def __init__(self, profile, max_tokens: int, *, padded: bool = True, smoothing=0.2) -> None:
+    def __init__(self, profile, max_tokens: int, *, padded: bool = True, window: int = 5) -> None:
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"{window=} must be an int >= 1")
         tokens = np.arange(max_tokens + 1)
         buckets = np.asarray(profile.buckets)
         if padded:
@@ -202,8 +212,10 @@ class StepTimes:
             group, priced = tokens, np.maximum(tokens, 1)
         self._group = group  # tokens -> the entries one observation updates
         ms = np.asarray(profile.verify.latency_ms(priced.astype(float)), np.float64)
-        self._s = (ms + profile.host_ms) / 1e3
-        self.smoothing = float(smoothing)
+        self._base = (ms + profile.host_ms) / 1e3
+        self._s = self._base.copy()
+        self._ratios = np.ones((int(group.max()) + 1, window))  # [group, window] recent ratios
+        self._next = np.zeros(self._ratios.shape[0], np.int64)  # ring position per group
         self._table: np.ndarray | None = None
 
     def seconds(self) -> np.ndarray:
@@ -215,8 +227,12 @@ class StepTimes:
     def observe(self, tokens: int, seconds: float) -> None:
         if not (0 < tokens < self._s.size) or not np.isfinite(seconds) or seconds <= 0:
             return
-        same = self._group == self._group[tokens]
-        self._s[same] += self.smoothing * (seconds - self._s[tokens])
+        g = self._group[tokens]
+        ring = self._ratios[g]
+        ring[self._next[g] % ring.size] = seconds / self._base[tokens]
+        self._next[g] += 1
+        same = self._group == g
+        self._s[same] = self._base[same] * float(np.median(ring))
         self._table = None
 
 

@@ -184,3 +184,17 @@ def test_step_times_follow_observed_iterations():
     assert abs(table[2] - 5.9e-3) < 1e-12  # other buckets untouched
     loose = StepTimes(prof, 8, padded=False)
     assert abs(loose.seconds()[3] - 6.7e-3) < 1e-9  # interpolated between 2 and 4
+
+
+def test_step_times_shrug_off_outliers():
+    """Slow steps (a shared CPU's hiccups) up to half the window leave the estimate alone; a
+    lasting slowdown is followed after window // 2 + 1 steps."""
+    prof = LatencyProfile.from_tables({1: 4.0, 2: 5.4, 4: 7.0, 8: 8.9}, host_ms=0.0)
+    times = StepTimes(prof, 8, window=7)
+    for seconds in (11.0e-3, 9.0e-3, 1.0e-3, 12.0e-3):  # 2.75x, 2.25x, 0.25x, 3x
+        times.observe(1, seconds)
+        assert abs(times.seconds()[1] - 4.0e-3) < 1e-12
+    for _ in range(4):
+        times.observe(1, 5.0e-3)  # the machine really got 25% slower
+    assert abs(times.seconds()[1] - 5.0e-3) < 1e-12
+    assert abs(times.seconds()[2] - 5.4e-3) < 1e-12  # other buckets untouched
