@@ -16,7 +16,7 @@ import numpy as np
 from adaserve_jax.engine.batch import Segment
 from adaserve_jax.engine.device import DeviceModel, attention_function
 from adaserve_jax.engine.mesh import shard_attention
-from adaserve_jax.engine.tree import DraftTrees, TreeShape, tree_depths
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, layout_ranks, tree_depths
 from adaserve_jax.model.loader import Model
 from adaserve_jax.steps.expand import build_expand
 
@@ -118,7 +118,8 @@ class DraftDevice:
             tokens = np.concatenate([np.zeros((s, 1), np.int32), toks], 1)
             parents = np.concatenate([np.full((s, 1), -1, np.int32), np.zeros((s, k), np.int32)], 1)
             log_f = np.concatenate([np.zeros((s, 1), np.float32), vals], 1)
-            return DraftTrees(tokens, parents, log_f, tree_depths(parents), None)
+            rank = layout_ranks(1 + k, k)
+            return DraftTrees(tokens, parents, log_f, tree_depths(parents), None, rank)
         root_pos = np.asarray(root_pos, np.int32)
         need = int(root_pos.max()) + 1
         ctx = next((c for c in self.ctx_buckets if c >= need), None)
@@ -143,7 +144,8 @@ class DraftDevice:
             f[active] = x[:n]
         tokens, parents, log_f, in_cache = full
         in_cache[root_pos < 0] = False
-        return DraftTrees(tokens, parents, log_f, tree_depths(parents), in_cache)
+        rank = layout_ranks(parents.shape[1], k)
+        return DraftTrees(tokens, parents, log_f, tree_depths(parents), in_cache, rank)
 
     def _call_expand(self, vals, toks, slots, root_pos, shape: TreeShape, ctx: int):
         if self.mirror is not None:

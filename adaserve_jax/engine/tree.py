@@ -40,6 +40,10 @@ class DraftTrees:
     in_cache bool[S, N] (optional): nodes whose draft K/V the draft cache already holds at
     the row they take if accepted (`ctx + depth`), so the draft's catch-up may skip an
     accepted path's leading run of them. None: every accepted token is caught up.
+
+    rank i32[N] (optional): each column's rank among its siblings (0 = the draft's top
+    child), the same in every tree: the engines lay a frontier node's `topk` children out
+    consecutively in the draft's order (`layout_ranks`). None: derive it from `parents`.
     """
 
     tokens: np.ndarray
@@ -47,6 +51,25 @@ class DraftTrees:
     log_f: np.ndarray
     depth: np.ndarray
     in_cache: np.ndarray | None = None
+    rank: np.ndarray | None = None
+
+
+_RANKS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def layout_ranks(num_nodes: int, topk: int) -> np.ndarray:
+    """Read-only i32[num_nodes]: the sibling rank of every column of a drafted tree whose
+    nodes are laid out as the expansion lays them out (root 0; the root's `topk` children
+    1..topk; then per depth, frontier node p's children at `first + p * topk + rank`), i.e.
+    `(j - 1) % topk` for j >= 1 and 0 for the root."""
+    key = (num_nodes, topk)
+    out = _RANKS.get(key)
+    if out is None:
+        out = (np.arange(-1, num_nodes - 1) % topk).astype(np.int32)
+        out[0] = 0
+        out.flags.writeable = False
+        _RANKS[key] = out
+    return out
 
 
 def tree_depths(parents: np.ndarray) -> np.ndarray:

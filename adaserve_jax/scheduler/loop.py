@@ -579,7 +579,11 @@ class Scheduler:
         depth = int(trees.depth.max())  # this iteration's tree depth
         rows = roster.slots
         parents = trees.parents[rows]
-        self._rank = sibling_rank(parents)  # [n, N], for the calibrator now and after verify
+        # [n, N] sibling ranks, for the calibrator now and after verify
+        if trees.rank is not None:
+            self._rank = np.broadcast_to(trees.rank, parents.shape)
+        else:
+            self._rank = sibling_rank(parents)
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
         log_f = self.calibrator.apply(parents, trees.log_f[rows], trees.depth[rows], self._rank)
         if self.profile is not None:
@@ -605,10 +609,9 @@ class Scheduler:
                 self._explore_gap = self.explore_every
             self._draft_off, self._draft_off_iters = roots_only, 0
         nodes, counts = select_nodes(
-            SelectionInput(
+            SelectionInput.trusted(
                 parents=parents,
                 log_f=log_f,
-                num_nodes=np.full(n, trees.tokens.shape[1], np.int32),
                 decoded=np.maximum(out_len - 1, 0),
                 elapsed_s=roster.elapsed(now),
                 tpot_slo_s=slos,

@@ -214,8 +214,10 @@ class StepTimes:
         ms = np.asarray(profile.verify.latency_ms(priced.astype(float)), np.float64)
         self._base = (ms + profile.host_ms) / 1e3
         self._s = self._base.copy()
-        self._ratios = np.ones((int(group.max()) + 1, window))  # [group, window] recent ratios
-        self._next = np.zeros(self._ratios.shape[0], np.int64)  # ring position per group
+        groups = int(group.max()) + 1
+        self._members = [np.flatnonzero(group == g) for g in range(groups)]
+        self._ratios = [[1.0] * window for _ in range(groups)]  # recent ratios per group
+        self._next = [0] * groups  # ring position per group
         self._table: np.ndarray | None = None
 
     def seconds(self) -> np.ndarray:
@@ -227,12 +229,15 @@ class StepTimes:
     def observe(self, tokens: int, seconds: float) -> None:
         if not (0 < tokens < self._s.size) or not np.isfinite(seconds) or seconds <= 0:
             return
-        g = self._group[tokens]
+        g = int(self._group[tokens])
         ring = self._ratios[g]
-        ring[self._next[g] % ring.size] = seconds / self._base[tokens]
+        ring[self._next[g] % len(ring)] = seconds / float(self._base[tokens])
         self._next[g] += 1
-        same = self._group == g
-        self._s[same] = self._base[same] * float(np.median(ring))
+        ordered = sorted(ring)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        same = self._members[g]
+        self._s[same] = self._base[same] * median
         self._table = None
 
 

@@ -306,6 +306,46 @@ class SelectionInput:
         ):
             object.__setattr__(self, name, value)
 
+    @classmethod
+    def trusted(
+        cls,
+        *,
+        parents: np.ndarray,
+        log_f: np.ndarray,
+        decoded: np.ndarray,
+        elapsed_s: np.ndarray,
+        tpot_slo_s: np.ndarray,
+        budget: int,
+        t_iter_s: float,
+        node_cap: int | None,
+        max_depth: int,
+        remaining: np.ndarray | None = None,
+    ) -> SelectionInput:
+        """An input built without the checks of the constructor, for a caller whose arrays are
+        valid by construction: the scheduler's hot path (every tree fills all M columns, log f
+        from the calibrator is non-increasing along paths, budget >= R, the clocks are finite).
+        The fields get the constructor's dtypes; every check is skipped (they cost about as
+        much as the selection itself at paper scale). tests/scheduler/test_selector.py checks
+        that both constructions select the same nodes."""
+        self = object.__new__(cls)
+        rows, cols = parents.shape
+        fields = {
+            "parents": np.asarray(parents, np.int32),
+            "log_f": np.asarray(log_f, np.float32),
+            "num_nodes": np.full(rows, cols, np.int32),
+            "decoded": np.asarray(decoded, np.int64),
+            "elapsed_s": np.asarray(elapsed_s, np.float64),
+            "tpot_slo_s": np.asarray(tpot_slo_s, np.float64),
+            "budget": int(budget),
+            "t_iter_s": float(t_iter_s),
+            "node_cap": node_cap,
+            "max_depth": np.full(rows, max_depth, np.int32),
+            "remaining": None if remaining is None else np.asarray(remaining, np.int64),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        return self
+
     @property
     def num_requests(self) -> int:
         return int(self.parents.shape[0])

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from adaserve_jax.engine.batch import Move, Segment
-from adaserve_jax.engine.tree import DraftTrees, TreeShape
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, layout_ranks
 from adaserve_jax.sim.calibration import Calibration
 from adaserve_jax.sim.profiles import SimProfile
 
@@ -191,7 +191,7 @@ class SimEngine:
         self._tree_ctx[:] = -1
         self._tree_ctx[active] = root_pos[active]
         self.cpu_seconds += time.thread_time() - t0
-        return DraftTrees(tokens, parents, log_f, depths)
+        return DraftTrees(tokens, parents, log_f, depths, rank=layout_ranks(n, k))
 
     # ---- internals ---------------------------------------------------------------------
     def _draw_truth(self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray,

@@ -188,6 +188,7 @@ def test_expansion_over_decoding_rows_only_matches_all_slots(tiny_model):
     left alone, and no row bucket compiles while serving."""
     from adaserve_jax.engine.speculation import DraftDevice
     from adaserve_jax.engine.tree import TreeShape
+    from adaserve_jax.scheduler.confidence import sibling_rank
 
     shape = TreeShape(3, 2, 2)
     dd = DraftDevice(tiny_model, num_slots=8, max_len=256, shapes=[shape], **TINY_BUCKETS)
@@ -207,6 +208,10 @@ def test_expansion_over_decoding_rows_only_matches_all_slots(tiny_model):
         return np.asarray(k[slot, pos[slot] + 1 : pos[slot] + 3])
 
     every = dd.expand(roots_v, roots_t, pos, shape)
+    # the layout's sibling ranks are those the trees' parents imply
+    np.testing.assert_array_equal(
+        np.broadcast_to(every.rank, every.parents.shape), sibling_rank(every.parents)
+    )
     written = {s: cache_rows(s) for s in range(8)}
     for live in ([5], [0, 2, 7], [1, 2, 3, 4, 6]):  # row buckets 1, 4, 8
         idle = [s for s in range(8) if s not in live]

@@ -321,6 +321,35 @@ def test_matches_sequential_reference(inp):
 
 
 @SETTINGS
+@given(inputs_st(), st.booleans())
+def test_trusted_input_selects_the_same(inp, horizon):
+    """The scheduler's unchecked construction selects exactly what the checked one does. It
+    takes full trees only, so padding columns become nodes of f = e^-30 under the root."""
+    rows, cols = inp.parents.shape
+    parents = np.where(np.arange(cols) < inp.num_nodes[:, None], inp.parents, 0)
+    log_f = np.where(np.arange(cols) < inp.num_nodes[:, None], inp.log_f, np.float32(-30.0))
+    parents[:, 0] = -1
+    depth = int(inp.max_depth.max()) + 1
+    remaining = np.arange(rows) + 3 if horizon else None
+    fields = dict(
+        parents=parents,
+        log_f=log_f,
+        decoded=inp.decoded,
+        elapsed_s=inp.elapsed_s,
+        tpot_slo_s=inp.tpot_slo_s,
+        budget=inp.budget,
+        t_iter_s=inp.t_iter_s,
+        node_cap=inp.node_cap,
+        max_depth=depth,
+        remaining=remaining,
+    )
+    checked = select(SelectionInput(num_nodes=np.full(rows, cols), **fields))
+    fast = select(SelectionInput.trusted(**fields))
+    assert [x.tolist() for x in fast.nodes] == [x.tolist() for x in checked.nodes]
+    np.testing.assert_array_equal(fast.slo_nodes, checked.slo_nodes)
+
+
+@SETTINGS
 @given(inputs_st())
 def test_budget_cap_and_connected_trees(inp):
     sel = select(inp)

@@ -190,6 +190,10 @@ def test_walk_accepts_exactly_the_simulated_path(cal):
     rv = np.log(cal.sample_confidence(eng.rng, 1, 6, 8))
     trees = eng.expand(rv, None, np.array([9, 0, 9, 9, 9, 9]), shape)
     truth = eng._truth
+    from adaserve_jax.scheduler.confidence import sibling_rank
+
+    active = trees.parents[[0, 2, 3, 4, 5]]  # slot 1 holds no tree
+    np.testing.assert_array_equal(np.broadcast_to(trees.rank, active.shape), sibling_rank(active))
     from adaserve_jax.engine.batch import Segment
     from adaserve_jax.engine.tree import accept_path
 
