@@ -391,9 +391,11 @@ class Scheduler:
         if self._draft_off_iters >= self._explore_gap and self._exploration_affordable(decode):
             return False  # explore
         self._draft_off_iters += 1
-        # the draft's catch-up chains up to the pending tokens; + 1 step
+        # the draft's catch-up chains up to the pending tokens: caught up in this step when one
+        # more step's tokens would no longer fit one draft step (an exploration catches
+        # everything up at once)
         lag = sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
-        if 2 * (lag + len(decode)) > self.token_budget:
+        if lag + 2 * len(decode) > self.token_budget:
             self._catch_up_tokens = lag
         return True
 

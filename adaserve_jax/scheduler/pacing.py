@@ -215,7 +215,10 @@ class StepTimes:
         self._base = (ms + profile.host_ms) / 1e3
         self._s = self._base.copy()
         groups = int(group.max()) + 1
-        self._members = [np.flatnonzero(group == g) for g in range(groups)]
+        # each group is a run of consecutive token counts (group is non-decreasing in tokens)
+        self._members = [
+            slice(*np.flatnonzero(group == g)[[0, -1]] + [0, 1]) for g in range(groups)
+        ]
         self._ratios = [[1.0] * window for _ in range(groups)]  # recent ratios per group
         self._next = [0] * groups  # ring position per group
         self._table: np.ndarray | None = None

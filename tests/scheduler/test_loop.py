@@ -301,9 +301,9 @@ def test_adaserve_reserve_is_admission_control():
 
 def test_adaserve_catches_the_draft_up_without_speculating_while_it_is_off():
     """With the draft off, its cache falls a token per request behind every iteration. When
-    the backlog nears half the budget a roots-only iteration runs the draft over it (a draft
-    step, no tree); speculative iterations stay as rare as the exploration schedule, and the
-    output is still the target's."""
+    one more iteration's backlog would no longer fit one draft step, a roots-only iteration
+    runs the draft over it (a draft step, no tree); speculative iterations stay as rare as the
+    exploration schedule, and the output is still the target's."""
 
     class Counting(MockEngine):
         expands = 0
@@ -330,6 +330,7 @@ def test_adaserve_catches_the_draft_up_without_speculating_while_it_is_off():
     # as a backlog-forced speculative step would make it
     assert eng.expands <= 8 and decoding >= 140
     # the backlog (8 tokens an iteration) was caught up in plain iterations whenever it
-    # passed 24 tokens: draft steps over several tokens per request, without a tree
-    assert sum(n > 8 for n in eng.catch_ups) >= decoding // 4 - eng.expands
-    assert max(eng.catch_ups[1:]) <= 32
+    # passed 64 - 2 x 8 = 48 tokens, i.e. at 56: draft steps over 7 tokens per request, no
+    # tree (the other draft steps are the explorations' own catch-ups)
+    assert sum(n == 56 for n in eng.catch_ups) >= decoding // 7 - eng.expands
+    assert max(eng.catch_ups[1:]) <= 56
