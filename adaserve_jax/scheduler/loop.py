@@ -240,6 +240,9 @@ class Scheduler:
         self._select_seconds = 0.0
         prefill_budget = self.token_budget
         if spec:
+            if prefilling and self._pacing_applies():
+                # a speculative step admits prompts on the same terms as a paced plain step
+                prefilling = self._gate_prompts(prefilling, *self._slack(decode))
             reserve = self._decode_reserve(decode, prefilling)
         else:
             if decode and self._pacing_applies():
@@ -331,17 +334,7 @@ class Scheduler:
         step_s = self._step_times().seconds()
         skipped = np.array([r.skipped for r in decode], np.int64)
         choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
-        gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
-        ok = gate_prompts(
-            slack,
-            slo,
-            remaining,
-            step_s,
-            tpot_slo_s(gated),
-            np.array([r.request.max_tokens for r in gated], np.int64),
-        )
-        let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}
-        prefilling = [r for r in prefilling if r.request.ttft_slo_ms is not None or id(r) in let_in]
+        prefilling = self._gate_prompts(prefilling, slo, slack, remaining)
         floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
         limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
         kept = []
@@ -353,6 +346,30 @@ class Scheduler:
                 r.skipped += 1
         self._select_seconds += time.perf_counter() - t0
         return kept, prefilling, limit
+
+    def _gate_prompts(
+        self,
+        prefilling: list[RequestState],
+        slo: np.ndarray,
+        slack: np.ndarray,
+        remaining: np.ndarray,
+    ) -> list[RequestState]:
+        """The prompts that may be prefilled now (pacing.py `gate_prompts`), given the decoding
+        requests' TPOT SLOs, slack and remaining tokens; prompts of requests with a TTFT SLO
+        always may."""
+        gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
+        if not gated:
+            return prefilling
+        ok = gate_prompts(
+            slack,
+            slo,
+            remaining,
+            self._step_times().seconds(),
+            tpot_slo_s(gated),
+            np.array([r.request.max_tokens for r in gated], np.int64),
+        )
+        let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}
+        return [r for r in prefilling if r.request.ttft_slo_ms is not None or id(r) in let_in]
 
     def _step_times(self) -> StepTimes:
         if self._times is None:

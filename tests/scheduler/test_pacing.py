@@ -198,3 +198,26 @@ def test_step_times_shrug_off_outliers():
         times.observe(1, 5.0e-3)  # the machine really got 25% slower
     assert abs(times.seconds()[1] - 5.0e-3) < 1e-12
     assert abs(times.seconds()[2] - 5.4e-3) < 1e-12  # other buckets untouched
+
+
+def _prompt_held_in_speculative_step(pacing: bool) -> tuple[int, bool]:
+    prof = LatencyProfile.from_tables({1: 4.0, 2: 5.4, 4: 7.0, 8: 8.9, 64: 30.0},
+                                      draft_ms={1: 0.1})  # fmt: skip
+    eng = _TimedEngine(prof, num_slots=2)
+    sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=prof,
+                      slo_pacing=pacing, clock=lambda: eng.now)  # fmt: skip
+    a = sched.submit(Request("a", (1, 2, 3, 4), 40, tpot_slo_ms=4.8))
+    sched.step()  # a's prompt: its first token
+    assert len(a.output) == 1
+    b = sched.submit(Request("b", tuple(range(10, 18)), 40, tpot_slo_ms=4.8))
+    sched.step()  # a decodes; the draft has not been switched off yet, so this step speculates
+    assert sched.step_log[-1].select_seconds > 0
+    return b.cached, sched._pacing_applies()
+
+
+def test_speculative_steps_admit_prompts_on_pacing_terms():
+    """A speculative step prefills a waiting prompt only when its request would add one
+    request on track, as a paced plain step does: here the second 1.2x request cannot share
+    steps with the first (5.4 ms > 4.8 ms) and waits; without pacing its prompt rides along."""
+    assert _prompt_held_in_speculative_step(pacing=True) == (0, True)
+    assert _prompt_held_in_speculative_step(pacing=False) == (8, False)
