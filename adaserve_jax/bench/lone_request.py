@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     schedulers = {p: engine._scheduler(p, on_tokens=first_token) for p in policies}
     tpot: dict[str, list[float]] = {p: [] for p in policies}
+    decoded = dict.fromkeys(policies, 0)  # tokens after each request's first
     for rep in range(2):  # round 0 warms every policy's host path; round 1 is measured
         for i, prompt in enumerate(prompts if rep else prompts[:2]):
             for policy, sched in schedulers.items():
@@ -101,11 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
                 if rep and len(state.output) > 1:
                     span = state.last_token_time - state.first_token_time
                     tpot[policy].append(1e3 * span / (len(state.output) - 1))
+                    decoded[policy] += len(state.output) - 1
     result = {"tpot_slo_ms": slo, "requests": len(prompts), "max_tokens": args.max_tokens,
               "policies": {}}  # fmt: skip
     for policy in policies:
         row = store[policy]
-        tokens = max(len(tpot[policy]) * (args.max_tokens - 1), 1)
+        tokens = max(decoded[policy], 1)
         out = {
             "tpot_ms_mean": float(np.mean(tpot[policy])),
             "tpot_ms_median": float(np.median(tpot[policy])),

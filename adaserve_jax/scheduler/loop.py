@@ -66,6 +66,10 @@ class StepRecord:
 
 
 class StepEngine(Protocol):
+    """What the scheduler drives. Optional attribute `pads_to_buckets` (bool, default True):
+    whether a step is priced at the compiled token bucket it pads to (the real engine) or at
+    its exact token count (the simulator on an interpolated profile); SLO pacing reads it."""
+
     num_slots: int
     max_len: int
     has_draft: bool
