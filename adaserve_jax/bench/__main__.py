@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "request served alone through the scheduler right before the replay (includes host "
         "overhead and current machine load)",
     )
+    ap.add_argument(
+        "--repeats",
+        type=positive(int),
+        default=1,
+        help="replay every policy this many times per load, taking turns in alternating order "
+        "(ABC CBA ...), and pool each policy's rounds: steadier against a drifting machine",
+    )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
     ap.add_argument(
         "--no-slo-pacing",
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     settings["baseline"] = args.baseline
     settings["profile_baseline_tpot_ms"] = engine.baseline_tpot_ms
+    settings["repeats"] = args.repeats
     sweep = run_sweep(
         engine,
         entries,
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         baseline_tpot_ms=baseline,
         progress=progress,
         on_run=save,
+        repeats=args.repeats,
     )
     result = save(sweep)
     if args.json_out:

@@ -106,6 +106,19 @@ def measure_baseline_tpot_ms(engine, request: Request, repeats: int = 3) -> floa
     return float(np.median(tpots))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Raw:
+    """What one replay measured, before summarizing (replays of one policy pool these)."""
+
+    results: list
+    wall_s: float
+    step_seconds: list[float]
+    select_seconds: list[float]
+    decode_batches: list[int]
+    failed: int
+    host_s: float | None
+
+
 def replay(
     engine,
     policy: str,
@@ -116,6 +129,42 @@ def replay(
     desc: str | None = None,
 ) -> ReplayRun:
     """Replay `requests` at `arrivals_s` (seconds from start, sorted) with `policy`."""
+    raw, states = _replay_raw(engine, policy, requests, arrivals_s, progress=progress, desc=desc)
+    return ReplayRun(policy, _summary([raw], arrivals_s), states)
+
+
+def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
+    """The JSON summary of one policy's replays of one trace and load, pooled: attainment over
+    all their requests, goodput over their summed wall time."""
+    log_steps = [x for r in raws for x in r.step_seconds]
+    batches = [b for r in raws for b in r.decode_batches if b]
+    summary = summarize(
+        [x for r in raws for x in r.results],
+        sum(r.wall_s for r in raws),
+        step_seconds=log_steps,
+        select_seconds=[x for r in raws for x in r.select_seconds],
+    )
+    summary["failed"] = sum(r.failed for r in raws)
+    summary["mean_decode_batch"] = float(np.mean(batches)) if batches else 0.0
+    summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
+    # scheduler Python per iteration: iteration wall time outside the engine's device calls
+    summary["host_ms_per_iteration"] = None
+    if all(r.host_s is not None for r in raws) and log_steps:
+        summary["host_ms_per_iteration"] = 1e3 * sum(r.host_s for r in raws) / len(log_steps)
+    if len(raws) > 1:
+        summary["repeats"] = len(raws)
+    return summary
+
+
+def _replay_raw(
+    engine,
+    policy: str,
+    requests: Sequence[Request],
+    arrivals_s: np.ndarray,
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+) -> tuple[_Raw, list[RequestState]]:
     from tqdm import tqdm
 
     if len(requests) != len(arrivals_s):
@@ -152,27 +201,20 @@ def replay(
     if unfinished:
         raise RuntimeError(f"policy {policy}: requests {unfinished[:5]} never finished")
     speculative = parse_policy(policy).speculative
-    results = [request_result(s, speculative) for s in states]
     log = sched.step_log
-    summary = summarize(
-        results,
-        wall_s,
+    host_s = None
+    if device_s0 is not None:
+        host_s = sum(r.seconds for r in log) - (engine.device_seconds - device_s0)
+    raw = _Raw(
+        results=[request_result(s, speculative) for s in states],
+        wall_s=wall_s,
         step_seconds=[r.seconds for r in log],
         select_seconds=[r.select_seconds for r in log],
+        decode_batches=[r.decode_requests for r in log],
+        failed=sum(s.finish_reason is FinishReason.ERROR for s in states),
+        host_s=host_s,
     )
-    summary["failed"] = sum(s.finish_reason is FinishReason.ERROR for s in states)
-    summary["mean_decode_batch"] = (
-        float(np.mean([r.decode_requests for r in log if r.decode_requests]))
-        if any(r.decode_requests for r in log)
-        else 0.0
-    )
-    summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
-    # scheduler Python per iteration: iteration wall time outside the engine's device calls
-    summary["host_ms_per_iteration"] = None
-    if device_s0 is not None and log:
-        host_s = sum(r.seconds for r in log) - (engine.device_seconds - device_s0)
-        summary["host_ms_per_iteration"] = 1e3 * host_s / len(log)
-    return ReplayRun(policy, summary, states)
+    return raw, states
 
 
 def run_sweep(
@@ -186,6 +228,7 @@ def run_sweep(
     progress: bool = True,
     log=print,
     on_run: Callable[[list[dict]], None] | None = None,
+    repeats: int = 1,
 ) -> list[dict]:
     """Every policy at every time scale; returns [{time_scale, offered_rps, policies}].
 
@@ -193,30 +236,42 @@ def run_sweep(
 
     `requests[i]` is `entries[i]` built by `build_requests`. `on_run(partial)` is called
     after every policy run (e.g. to save partial results of a long sweep).
+
+    `repeats` > 1: at every time scale the policies take turns `repeats` times, in reverse
+    order every other round (ABC CBA ABC ...), so a machine whose speed drifts over minutes
+    slows every policy about alike; each policy's summary pools its rounds (attainment over
+    all their requests, goodput over their summed wall time, `"repeats": N`).
     """
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"{repeats=} must be an int >= 1")
     out = []
     baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     for scale in time_scales:
         arrivals = arrival_times_s(list(entries), baseline, scale)
         point = {"time_scale": scale, "offered_rps": offered_rps(arrivals), "policies": {}}
-        for policy in policies:
-            try:
-                run = replay(
-                    engine,
-                    policy,
-                    requests,
-                    arrivals,
-                    progress=progress,
-                    desc=f"{policy} x{scale:g}",
-                )
-            except Exception as exc:  # one policy's failure must not lose the whole sweep
-                point["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
-                log(f"[{policy} @ time-scale {scale:g}] FAILED: {type(exc).__name__}: {exc}")
-            else:
-                point["policies"][policy] = run.summary
-                log(format_summary(policy, scale, run.summary), flush=True)
-            if on_run is not None:
-                on_run([*out, point])
+        raws: dict[str, list[_Raw]] = {p: [] for p in policies}
+        for rnd in range(repeats):
+            for policy in policies if rnd % 2 == 0 else policies[::-1]:
+                if "error" in point["policies"].get(policy, {}):
+                    continue
+                desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")
+                try:
+                    raw, _ = _replay_raw(
+                        engine, policy, requests, arrivals, progress=progress, desc=desc
+                    )
+                except Exception as exc:  # one policy's failure must not lose the whole sweep
+                    point["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
+                    log(f"[{policy} @ time-scale {scale:g}] FAILED: {type(exc).__name__}: {exc}")
+                else:
+                    raws[policy].append(raw)
+                    if len(raws[policy]) == repeats:
+                        summary = _summary(raws[policy], arrivals)
+                        point["policies"][policy] = summary
+                        log(format_summary(policy, scale, summary), flush=True)
+                if on_run is not None:
+                    on_run([*out, point])
+        # keep the caller's policy order in the JSON
+        point["policies"] = {p: point["policies"][p] for p in policies if p in point["policies"]}
         out.append(point)
     return out
 

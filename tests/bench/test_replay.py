@@ -167,3 +167,32 @@ def test_sweep_on_fake_engine_records_a_failing_policy_and_goes_on(tmp_path):
     ar = pols["autoregressive"]
     assert ar["requests"] == 6 and ar["output_tokens"] == 30 and ar["failed"] == 0
     assert ar["ttft_p50_ms"] >= 0.0 and ar["mean_accepted_per_step"] == 1.0
+
+
+def test_sweep_repeats_take_turns_in_alternating_order_and_pool(tmp_path):
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    entries = load_workload(workload)
+
+    class Recording(FakeEngine):
+        order: list[str] = []
+
+        def _scheduler(self, policy, **kwargs):
+            self.order.append(policy)
+            return Scheduler(self, policy=policy, **kwargs)
+
+    engine = Recording()
+    requests = build_requests(engine, entries, max_output_len=5, max_prompt_len=8)
+    sweep = run_sweep(
+        engine, entries, requests, ["autoregressive", "sarathi"], [0.01], progress=False,
+        log=lambda *a, **k: None, repeats=3,
+    )  # fmt: skip
+    ar, sa = "autoregressive", "sarathi"
+    assert engine.order == [ar, sa, sa, ar, ar, sa]
+    pols = sweep[0]["policies"]
+    assert list(pols) == [ar, sa]  # the caller's order
+    for s in pols.values():  # three rounds of the 6 requests, pooled
+        assert s["repeats"] == 3 and s["requests"] == 18 and s["output_tokens"] == 90
+        assert s["attainment"] is not None and s["failed"] == 0
+    with pytest.raises(ValueError, match="repeats"):
+        run_sweep(engine, entries, requests, [ar], [0.01], progress=False, repeats=0)
