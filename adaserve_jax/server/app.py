@@ -148,9 +148,14 @@ class GrpcServer:
         engine = self.servicer.engine
         end = time.monotonic() + grace
         stopped = self.server.stop(grace)  # rejects new RPCs now, aborts the rest after grace
-        while self.servicer.active > 0 and time.monotonic() < end:
+        # drained only if the count reached 0 before the deadline: just after it, gRPC's own
+        # abort of the remaining RPCs also brings it to 0, which is no drain
+        finished = False
+        while time.monotonic() < end:
+            if self.servicer.active == 0:
+                finished = True
+                break
             time.sleep(0.02)
-        finished = self.servicer.active == 0
         stopped.wait(grace + 5.0)
         service = getattr(engine, "service", None)
         if service is not None:
