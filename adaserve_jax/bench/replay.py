@@ -38,12 +38,26 @@ SPEC_HEADROOM = 32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Raw:
+    """What one replay measured, before summarizing (replays of one policy pool these)."""
+
+    results: list
+    wall_s: float
+    step_seconds: list[float]
+    select_seconds: list[float]
+    decode_batches: list[int]
+    failed: int
+    host_s: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ReplayRun:
     """One policy's replay: the JSON summary plus the raw request states."""
 
     policy: str
     summary: dict
     states: list[RequestState]
+    raw: _Raw  # what the summary was computed from (rounds of one policy pool these)
 
 
 def build_requests(
@@ -106,19 +120,6 @@ def measure_baseline_tpot_ms(engine, request: Request, repeats: int = 3) -> floa
     return float(np.median(tpots))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Raw:
-    """What one replay measured, before summarizing (replays of one policy pool these)."""
-
-    results: list
-    wall_s: float
-    step_seconds: list[float]
-    select_seconds: list[float]
-    decode_batches: list[int]
-    failed: int
-    host_s: float | None
-
-
 def replay(
     engine,
     policy: str,
@@ -129,42 +130,6 @@ def replay(
     desc: str | None = None,
 ) -> ReplayRun:
     """Replay `requests` at `arrivals_s` (seconds from start, sorted) with `policy`."""
-    raw, states = _replay_raw(engine, policy, requests, arrivals_s, progress=progress, desc=desc)
-    return ReplayRun(policy, _summary([raw], arrivals_s), states)
-
-
-def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
-    """The JSON summary of one policy's replays of one trace and load, pooled: attainment over
-    all their requests, goodput over their summed wall time."""
-    log_steps = [x for r in raws for x in r.step_seconds]
-    batches = [b for r in raws for b in r.decode_batches if b]
-    summary = summarize(
-        [x for r in raws for x in r.results],
-        sum(r.wall_s for r in raws),
-        step_seconds=log_steps,
-        select_seconds=[x for r in raws for x in r.select_seconds],
-    )
-    summary["failed"] = sum(r.failed for r in raws)
-    summary["mean_decode_batch"] = float(np.mean(batches)) if batches else 0.0
-    summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
-    # scheduler Python per iteration: iteration wall time outside the engine's device calls
-    summary["host_ms_per_iteration"] = None
-    if all(r.host_s is not None for r in raws) and log_steps:
-        summary["host_ms_per_iteration"] = 1e3 * sum(r.host_s for r in raws) / len(log_steps)
-    if len(raws) > 1:
-        summary["repeats"] = len(raws)
-    return summary
-
-
-def _replay_raw(
-    engine,
-    policy: str,
-    requests: Sequence[Request],
-    arrivals_s: np.ndarray,
-    *,
-    progress: bool = True,
-    desc: str | None = None,
-) -> tuple[_Raw, list[RequestState]]:
     from tqdm import tqdm
 
     if len(requests) != len(arrivals_s):
@@ -214,7 +179,30 @@ def _replay_raw(
         failed=sum(s.finish_reason is FinishReason.ERROR for s in states),
         host_s=host_s,
     )
-    return raw, states
+    return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
+
+
+def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
+    """The JSON summary of one policy's replays of one trace and load, pooled: attainment over
+    all their requests, goodput over their summed wall time."""
+    log_steps = [x for r in raws for x in r.step_seconds]
+    batches = [b for r in raws for b in r.decode_batches if b]
+    summary = summarize(
+        [x for r in raws for x in r.results],
+        sum(r.wall_s for r in raws),
+        step_seconds=log_steps,
+        select_seconds=[x for r in raws for x in r.select_seconds],
+    )
+    summary["failed"] = sum(r.failed for r in raws)
+    summary["mean_decode_batch"] = float(np.mean(batches)) if batches else 0.0
+    summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
+    # scheduler Python per iteration: iteration wall time outside the engine's device calls
+    summary["host_ms_per_iteration"] = None
+    if all(r.host_s is not None for r in raws) and log_steps:
+        summary["host_ms_per_iteration"] = 1e3 * sum(r.host_s for r in raws) / len(log_steps)
+    if len(raws) > 1:
+        summary["repeats"] = len(raws)
+    return summary
 
 
 def run_sweep(
@@ -256,9 +244,9 @@ def run_sweep(
                     continue
                 desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")
                 try:
-                    raw, _ = _replay_raw(
+                    raw = replay(
                         engine, policy, requests, arrivals, progress=progress, desc=desc
-                    )
+                    ).raw
                 except Exception as exc:  # one policy's failure must not lose the whole sweep
                     point["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
                     log(f"[{policy} @ time-scale {scale:g}] FAILED: {type(exc).__name__}: {exc}")

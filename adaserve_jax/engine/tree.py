@@ -9,6 +9,7 @@ descends, a miss ends the walk, and the target's token is emitted either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -54,21 +55,15 @@ class DraftTrees:
     rank: np.ndarray | None = None
 
 
-_RANKS: dict[tuple[int, int], np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def layout_ranks(num_nodes: int, topk: int) -> np.ndarray:
     """Read-only i32[num_nodes]: the sibling rank of every column of a drafted tree whose
     nodes are laid out as the expansion lays them out (root 0; the root's `topk` children
     1..topk; then per depth, frontier node p's children at `first + p * topk + rank`), i.e.
     `(j - 1) % topk` for j >= 1 and 0 for the root."""
-    key = (num_nodes, topk)
-    out = _RANKS.get(key)
-    if out is None:
-        out = (np.arange(-1, num_nodes - 1) % topk).astype(np.int32)
-        out[0] = 0
-        out.flags.writeable = False
-        _RANKS[key] = out
+    out = (np.arange(-1, num_nodes - 1) % topk).astype(np.int32)
+    out[0] = 0
+    out.flags.writeable = False
     return out
 
 

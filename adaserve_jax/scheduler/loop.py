@@ -403,7 +403,7 @@ class Scheduler:
         n, depth = len(decode), self.policy.shape.depth
         est = float(step_s[min(n * (1 + depth), self.token_budget)])
         if self.profile.draft is not None:
-            lag = sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
+            lag = self._draft_lag(decode)
             draft = self.profile.draft.latency_ms(np.array([max(lag, n), n], float))
             est += (float(draft[0]) + (depth - 1) * float(draft[1])) / 1e3
         live = cap >= step_s[1]
@@ -419,7 +419,7 @@ class Scheduler:
         # the draft's catch-up chains up to the pending tokens: caught up in this step when one
         # more step's tokens would no longer fit one draft step (an exploration catches
         # everything up at once)
-        lag = sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
+        lag = self._draft_lag(decode)
         if lag + 2 * len(decode) > self.token_budget:
             self._catch_up_tokens = lag
         return True
@@ -435,7 +435,7 @@ class Scheduler:
         shape = self.policy.shape
         if shape is None:
             return n
-        catch_up = sum([r.cached for r in decode]) - sum([r.draft_cached for r in decode]) + n
+        catch_up = self._draft_lag(decode)
         if self.policy.kind is PolicyKind.ADASERVE:
             # `adaserve_reserve` tokens per decoding request (at least its candidate tree),
             # minus the prefill floor and the prompts of requests that asked for a first-token
@@ -446,6 +446,12 @@ class Scheduler:
         else:
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)
+
+    @staticmethod
+    def _draft_lag(decode: list[RequestState]) -> int:
+        """Tokens the draft cache lacks, up to and including each request's pending token: the
+        length of the draft's catch-up chains."""
+        return sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
 
     @staticmethod
     def _ttft_prompt_tokens(prefilling: list[RequestState]) -> int:
