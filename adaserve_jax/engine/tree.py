@@ -67,6 +67,17 @@ def layout_ranks(num_nodes: int, topk: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def layout_depths(num_nodes: int, width: int, topk: int) -> np.ndarray:
+    """Read-only i32[num_nodes]: the depth of every column of a drafted tree laid out as
+    `layout_ranks` describes (root 0, columns 1..topk depth 1, then `width * topk` columns
+    per further depth)."""
+    j = np.arange(num_nodes)
+    out = np.where(j == 0, 0, 2 + np.maximum(j - 1 - topk, -1) // (width * topk)).astype(np.int32)
+    out.flags.writeable = False
+    return out
+
+
 def tree_depths(parents: np.ndarray) -> np.ndarray:
     """i32[..., N] node depths from parents (parents[..., i] < i, root -1)."""
     depth = np.zeros(parents.shape, np.int32)

@@ -98,6 +98,11 @@ class LatencyCurve:
 
     def latency_ms(self, tokens: float | np.ndarray) -> float | np.ndarray:
         """Interpolated latency at `tokens` (scalar -> float, array -> f64 array)."""
+        if type(tokens) in (int, float) and tokens == tokens:  # a plain number, not NaN
+            return _scalar_latency_ms(self, tokens)  # cached
+        return self._interpolate(tokens)
+
+    def _interpolate(self, tokens: float | np.ndarray) -> float | np.ndarray:
         x = np.asarray(tokens, dtype=np.float64)
         if np.any(np.isnan(x)):
             raise ValueError(f"tokens={tokens} must not be NaN")
@@ -110,6 +115,13 @@ class LatencyCurve:
         out = np.interp(x, xs, ys)  # clamps to the end values outside [xs[0], xs[-1]]
         out = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), out)
         return float(out) if out.ndim == 0 else out
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar_latency_ms(curve: LatencyCurve, tokens: float) -> float:
+    """`curve.latency_ms` of one token count (the scheduler asks the same few every
+    iteration)."""
+    return float(curve._interpolate(tokens))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ share estimates `P(accepted | f)`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -70,6 +71,14 @@ def sibling_rank(parents: np.ndarray) -> np.ndarray:
     rank = rank.reshape(rows, cols)
     rank[:, 0] = 0
     return rank
+
+
+@functools.lru_cache(maxsize=32)
+def _row_offsets(rows: int, cols: int) -> np.ndarray:
+    """Read-only i64[rows, 1]: r * cols, the flat offset of each padded row."""
+    out = (np.arange(rows, dtype=np.int64) * cols)[:, None]
+    out.flags.writeable = False
+    return out
 
 
 class AcceptanceCalibrator:
@@ -125,6 +134,8 @@ class AcceptanceCalibrator:
         self.verified = np.zeros((ranks, depths, bins))  # [rank, depth - 1, bin]
         self.accepted = np.zeros((ranks, depths, bins))
         self._table: np.ndarray | None = None  # [ranks * depths * bins] log rates (lazy)
+        self._slope = np.zeros(0)  # [ranks * depths * bins] table[i + 1] - table[i] in a row
+        self._layout_key: tuple | None = None  # `_layout_runs`'s last layout
         self._pending: list[tuple[np.ndarray, ...]] = []
 
     def _bin(self, log_q: np.ndarray) -> np.ndarray:
@@ -238,49 +249,85 @@ class AcceptanceCalibrator:
 
     def log_rate(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
         """Calibrated log P(accepted | parent accepted) for raw conditional log q at child
-        `depth` and sibling `rank` (same shapes)."""
-        if self._table is None:
-            self._table = np.log(self.rates()).ravel()
-        x = np.asarray(log_q, np.float64)
+        `depth` and sibling `rank` (shapes broadcast against log q)."""
+        return self._rate_at(np.asarray(log_q, np.float64), self._cell_base(depth, rank))
+
+    def _cell_base(self, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Flat index of the first bin of each (depth, rank)'s table row."""
         d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
         row = np.minimum(np.asarray(rank, np.int64), self.ranks - 1) * self.depths + d
+        return row * self.bins
+
+    def _rate_at(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """`log_rate` for log q `x` and table rows starting at `base` (`_cell_base`)."""
+        if self._table is None:
+            table = np.log(self.rates()).reshape(-1, self.bins)
+            slope = np.zeros_like(table)
+            slope[:, :-1] = np.diff(table, axis=1)
+            self._table, self._slope = table.ravel(), slope.ravel()
         # piecewise linear on log q between bin centers, per table row (vectorized np.interp)
         below = x - self.centers[0]
         pos = np.minimum(np.maximum(below * self._scale, 0.0), self.bins - 1.0)
         lo = np.minimum(pos.astype(np.int64), self.bins - 2)
-        frac = pos - lo
-        at = row * self.bins + lo  # flat index of (row, lo) in the table
-        table = self._table
-        out = table[at] * (1 - frac) + table[at + 1] * frac
-        # below the lowest center: continue with slope 1 (stays monotone, tends to 0)
+        pos -= lo  # the fraction of the way to the next center
+        lo += base  # flat index of (row, lo) in the table
+        out = self._slope[lo]
+        out *= pos
+        out += self._table[lo]
+        # below the lowest center: continue with slope 1 (stays monotone, tends to 0); rates
+        # are at most 1, so the result is <= 0 without a clip
         np.add(out, below, out=out, where=below < 0)
-        return np.minimum(out, 0.0, out=out)
+        return out
 
     def apply(
         self, parents: np.ndarray, log_f: np.ndarray, depth: np.ndarray, rank: np.ndarray
     ) -> np.ndarray:
         """Calibrated path log f for padded trees parents i32[R, M], log_f f32[R, M], depth and
         sibling rank i32[R, M] (root at column 0, parents before children, every column a
-        real node)."""
+        real node). depth and rank may also be i32[M], the same in every tree (a drafted
+        layout, engine/tree.py `layout_ranks` / `layout_depths`): then each depth's columns are
+        computed at once when the depths are non-decreasing along the columns."""
         parents = np.asarray(parents)
         log_f = np.asarray(log_f, np.float32)
         rows, cols = log_f.shape
         if cols < 2 or rows == 0:
             return log_f.copy()
-        # node-major [cols, rows]: column j of every tree is one contiguous row
-        # [cols - 1, rows]: the flat index of each node's parent
-        up = np.multiply(parents.T[1:], rows, dtype=np.int64) + np.arange(rows)
-        f_t = log_f.T.copy()
-        flat = f_t.ravel()
-        step = self.log_rate(f_t[1:] - flat[up], np.maximum(depth.T[1:], 1), rank.T[1:]).astype(
-            np.float32
-        )
-        # parents precede children, so one pass over the columns accumulates every path; a run
-        # of columns whose parents (in every tree) all lie before the run is added at once
-        pmax = parents.max(axis=0).tolist()
-        a = 1
-        for b in range(2, cols + 1):
-            if b == cols or pmax[b] >= a:
-                np.add(flat[up[a - 1 : b - 1]], step[a - 1 : b - 1], out=f_t[a:b])
-                a = b
-        return np.ascontiguousarray(f_t.T)
+        depth, rank = np.asarray(depth), np.asarray(rank)
+        runs = None
+        if depth.ndim == 1 and rank.ndim == 1:
+            runs, base = self._layout_runs(depth, rank)
+        else:
+            base = self._cell_base(np.maximum(depth[:, 1:], 1), rank[:, 1:])
+        # [R, M - 1]: the flat index of each node's parent, its raw conditional log q and the
+        # calibrated one
+        up = parents[:, 1:] + _row_offsets(rows, cols)
+        out = log_f.copy()
+        flat = out.ravel()
+        x = log_f[:, 1:] - flat[up]
+        step = self._rate_at(x.astype(np.float64), base).astype(np.float32)
+        if runs is None:  # a run of columns whose parents (in every tree) precede it
+            pmax = parents.max(axis=0).tolist()
+            runs, a = [], 1
+            for b in range(2, cols + 1):
+                if b == cols or pmax[b] >= a:
+                    runs.append((a, b))
+                    a = b
+        # parents precede children, so one pass over the runs accumulates every path
+        for a, b in runs:
+            np.add(flat[up[:, a - 1 : b - 1]], step[:, a - 1 : b - 1], out=out[:, a:b])
+        return out
+
+    def _layout_runs(self, depth: np.ndarray, rank: np.ndarray) -> tuple:
+        """(column runs or None, table row bases i64[M - 1]) of a layout given per column;
+        cached for the last layout (the same arrays every iteration)."""
+        key = self._layout_key
+        if key is not None and key[0] is depth and key[1] is rank:
+            return key[2], key[3]
+        base = self._cell_base(np.maximum(depth[1:], 1), rank[1:])
+        d = depth.tolist()
+        runs = None
+        if all(a <= b for a, b in zip(d[1:], d[2:], strict=False)):  # one run per depth
+            starts = [j for j in range(1, len(d)) if j == 1 or d[j] != d[j - 1]]
+            runs = list(zip(starts, [*starts[1:], len(d)], strict=True))
+        self._layout_key = (depth, rank, runs, base)
+        return runs, base

@@ -33,7 +33,7 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Move, Segment, ragged_index
 from adaserve_jax.engine.kv_alloc import SlotAllocator
-from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_nodes
+from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_nodes, layout_depths
 from adaserve_jax.scheduler.budget import (
     LatencyProfile,
     choose_budget_from_trees,
@@ -576,7 +576,7 @@ class Scheduler:
             self._verify_stats = (
                 trees.log_f[row_of, nodes],
                 trees.depth[row_of, nodes],
-                self._rank[owner, nodes],
+                self._rank[nodes] if self._rank.ndim == 1 else self._rank[owner, nodes],
             )
         self._verify_in_cache = None
         if trees.in_cache is not None and self.reuse_draft_kv:
@@ -612,13 +612,15 @@ class Scheduler:
         depth = int(trees.depth.max())  # this iteration's tree depth
         rows = roster.slots
         parents = trees.parents[rows]
-        # [n, N] sibling ranks, for the calibrator now and after verify
+        # sibling ranks and depths, for the calibrator now and after verify: per column ([N])
+        # when the trees come in the engines' layout, else per node ([n, N])
         if trees.rank is not None:
-            self._rank = np.broadcast_to(trees.rank, parents.shape)
+            self._rank = trees.rank
+            depths = layout_depths(parents.shape[1], shape.width, shape.topk)
         else:
-            self._rank = sibling_rank(parents)
+            self._rank, depths = sibling_rank(parents), trees.depth[rows]
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
-        log_f = self.calibrator.apply(parents, trees.log_f[rows], trees.depth[rows], self._rank)
+        log_f = self.calibrator.apply(parents, trees.log_f[rows], depths, self._rank)
         if self.profile is not None:
             draft_ms = 0.0
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps

@@ -187,7 +187,7 @@ def test_expansion_over_decoding_rows_only_matches_all_slots(tiny_model):
     the draft rows it writes are those of an expansion over every slot, idle slots' rows are
     left alone, and no row bucket compiles while serving."""
     from adaserve_jax.engine.speculation import DraftDevice
-    from adaserve_jax.engine.tree import TreeShape
+    from adaserve_jax.engine.tree import TreeShape, layout_depths
     from adaserve_jax.scheduler.confidence import sibling_rank
 
     shape = TreeShape(3, 2, 2)
@@ -212,6 +212,9 @@ def test_expansion_over_decoding_rows_only_matches_all_slots(tiny_model):
     np.testing.assert_array_equal(
         np.broadcast_to(every.rank, every.parents.shape), sibling_rank(every.parents)
     )
+    # and its depths those of every tree
+    depths = layout_depths(shape.num_nodes, shape.width, shape.topk)
+    np.testing.assert_array_equal(np.broadcast_to(depths, every.depth.shape), every.depth)
     written = {s: cache_rows(s) for s in range(8)}
     for live in ([5], [0, 2, 7], [1, 2, 3, 4, 6]):  # row buckets 1, 4, 8
         idle = [s for s in range(8) if s not in live]

@@ -12,6 +12,7 @@ from test_confidence import random_forest
 from test_selector import inputs_st
 
 from adaserve_jax.engine.batch import GREEDY, Move, SamplingParams, Segment
+from adaserve_jax.engine.tree import layout_depths, layout_ranks, tree_size
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
 from adaserve_jax.scheduler.request import Request, RequestState
 from adaserve_jax.scheduler.roster import NO_SLO_MS, Roster
@@ -115,6 +116,37 @@ def test_calibrated_path_sums_follow_the_paths_exactly(seed, rows, cols):
         want[:, j] = want[np.arange(rows), p] + step[:, j]
     assert out.dtype == np.float32 and out.flags.c_contiguous
     assert np.array_equal(out, want)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 6),
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(0, 2)),
+)
+def test_calibrated_path_sums_per_column_layout_equal_per_node(seed, rows, shape):
+    """Depths and ranks given once per column (a drafted layout: engine/tree.py
+    `layout_depths` / `layout_ranks`) give exactly the per-node result."""
+    depth, width, extra = shape
+    topk = width + extra
+    n = tree_size(depth, width, topk)
+    rng = np.random.default_rng(seed)
+    cal = AcceptanceCalibrator()
+    m = int(rng.integers(0, 200))
+    cal.observe(np.log(rng.uniform(1e-4, 1, m)), rng.integers(1, 10, m), rng.integers(0, 5, m),
+                rng.random(m) < 0.5)  # fmt: skip
+    # random trees in the layout: each depth's children hang off any node of the previous depth
+    d_col, k_col = layout_depths(n, width, topk), layout_ranks(n, topk)
+    parents = np.full((rows, n), -1, np.int32)
+    log_f = np.zeros((rows, n), np.float32)
+    for j in range(1, n):
+        prev = np.flatnonzero(d_col == d_col[j] - 1)
+        parents[:, j] = rng.choice(prev, rows)
+        log_f[:, j] = log_f[np.arange(rows), parents[:, j]] + np.log(rng.uniform(0.01, 1, rows))
+    want = cal.apply(parents, log_f, np.broadcast_to(d_col, parents.shape),
+                     np.broadcast_to(k_col, parents.shape))  # fmt: skip
+    for _ in range(2):  # the second call reuses the cached layout
+        assert np.array_equal(cal.apply(parents, log_f, d_col, k_col), want)
 
 
 @SETTINGS

@@ -194,6 +194,10 @@ def test_walk_accepts_exactly_the_simulated_path(cal):
 
     active = trees.parents[[0, 2, 3, 4, 5]]  # slot 1 holds no tree
     np.testing.assert_array_equal(np.broadcast_to(trees.rank, active.shape), sibling_rank(active))
+    from adaserve_jax.engine.tree import layout_depths, tree_depths
+
+    depths = layout_depths(shape.num_nodes, shape.width, shape.topk)
+    np.testing.assert_array_equal(np.broadcast_to(depths, active.shape), tree_depths(active))
     from adaserve_jax.engine.batch import Segment
     from adaserve_jax.engine.tree import accept_path
 
