@@ -48,6 +48,7 @@ class _Raw:
     decode_batches: list[int]
     failed: int
     host_s: float | None
+    verify_speed: list[float]  # each verify call's wall time / the profile's price of it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,20 +147,35 @@ def replay(
     sched = engine._scheduler(policy, on_finish=on_finish)
     clock = sched.clock
     device_s0 = getattr(engine, "device_seconds", None)
+    # how fast the machine ran the verify steps against its start-up profile, call by call
+    speed: list[float] = []
+    profile = getattr(engine, "latency_profile", None)
+    if profile is not None and hasattr(engine, "on_verify"):
+        price_s = {b: profile.verify.latency_ms(b) / 1e3 for b in profile.buckets}
+
+        def on_verify(bucket: int, seconds: float) -> None:
+            if bucket in price_s:
+                speed.append(seconds / price_s[bucket])
+
+        engine.on_verify = on_verify
     states: list[RequestState] = []
     t0 = clock()
     nxt = 0
-    while nxt < len(requests) or sched.has_work():
-        now = clock() - t0
-        while nxt < len(requests) and arrivals_s[nxt] <= now:
-            state = sched.submit(requests[nxt])
-            state.arrival = t0 + float(arrivals_s[nxt])  # TTFT from the scheduled arrival
-            states.append(state)
-            nxt += 1
-        if sched.has_work():
-            sched.step()
-        elif nxt < len(requests):
-            time.sleep(max(0.0, float(arrivals_s[nxt]) - (clock() - t0)))
+    try:
+        while nxt < len(requests) or sched.has_work():
+            now = clock() - t0
+            while nxt < len(requests) and arrivals_s[nxt] <= now:
+                state = sched.submit(requests[nxt])
+                state.arrival = t0 + float(arrivals_s[nxt])  # TTFT from the scheduled arrival
+                states.append(state)
+                nxt += 1
+            if sched.has_work():
+                sched.step()
+            elif nxt < len(requests):
+                time.sleep(max(0.0, float(arrivals_s[nxt]) - (clock() - t0)))
+    finally:
+        if hasattr(engine, "on_verify"):
+            engine.on_verify = None
     bar.close()
     wall_s = max((max(finished) if finished else clock()) - t0, 1e-9)
     unfinished = [s.request.request_id for s in states if s.phase is not Phase.DONE]
@@ -178,6 +194,7 @@ def replay(
         decode_batches=[r.decode_requests for r in log],
         failed=sum(s.finish_reason is FinishReason.ERROR for s in states),
         host_s=host_s,
+        verify_speed=speed,
     )
     return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
 
@@ -200,6 +217,10 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
     summary["host_ms_per_iteration"] = None
     if all(r.host_s is not None for r in raws) and log_steps:
         summary["host_ms_per_iteration"] = 1e3 * sum(r.host_s for r in raws) / len(log_steps)
+    # median verify-call wall time over the profile's price of its bucket: how fast the
+    # machine ran during this replay (sim/validate.py `--speed cell` prices the run with it)
+    speeds = [x for r in raws for x in r.verify_speed]
+    summary["verify_speed"] = float(np.median(speeds)) if speeds else None
     if len(raws) > 1:
         summary["repeats"] = len(raws)
     return summary

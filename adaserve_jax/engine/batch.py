@@ -127,22 +127,122 @@ def ragged_index(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return owner, np.arange(int(lens.sum())) - starts[owner], starts
 
 
+class SegmentBatch(Sequence[Segment]):
+    """Many segments stored flat: what the engines read, without a `Segment` object per
+    request (at 64-96 running requests, building and reading those was a large part of an
+    iteration's host time). A `Sequence[Segment]`: indexing or iterating materializes
+    `Segment`s (views of the flat arrays), so code written for a list of segments works on it.
+
+    slots, ctx_lens, lens: i64[n]; tokens, parents: i32[sum(lens)] (segment i holds
+    `tokens[starts[i] : starts[i] + lens[i]]`, parents local to it); sampling: n entries.
+    `of` converts any sequence of segments; `+` concatenates (with a batch or a list).
+    """
+
+    __slots__ = ("slots", "ctx_lens", "lens", "tokens", "parents", "sampling", "_starts")
+
+    def __init__(self, slots, ctx_lens, lens, tokens, parents, sampling=None) -> None:
+        self.slots = np.asarray(slots, np.int64)
+        self.ctx_lens = np.asarray(ctx_lens, np.int64)
+        self.lens = np.asarray(lens, np.int64)
+        self.tokens = np.asarray(tokens, np.int32)
+        self.parents = np.asarray(parents, np.int32)
+        n = self.slots.shape[0]
+        self.sampling = (GREEDY,) * n if sampling is None else tuple(sampling)
+        if not (self.ctx_lens.shape == self.lens.shape == (n,) and len(self.sampling) == n):
+            raise ValueError(
+                f"slots, ctx_lens, lens and sampling must have one entry per segment: "
+                f"{n}, {self.ctx_lens.shape}, {self.lens.shape}, {len(self.sampling)}"
+            )
+        if self.tokens.shape != self.parents.shape or self.tokens.shape != (int(self.lens.sum()),):
+            raise ValueError(
+                f"tokens {self.tokens.shape} and parents {self.parents.shape} must both hold "
+                f"sum(lens) = {int(self.lens.sum())} entries"
+            )
+        self._starts: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment]) -> SegmentBatch:
+        """`segments` itself if it is a batch, else its segments copied into one."""
+        if isinstance(segments, SegmentBatch):
+            return segments
+        n = len(segments)
+        if n == 0:
+            return cls(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), ())
+        return cls(
+            [s.slot for s in segments],
+            [s.ctx_len for s in segments],
+            [len(s) for s in segments],
+            np.concatenate([np.asarray(s.tokens, np.int32).reshape(-1) for s in segments]),
+            np.concatenate([np.asarray(s.parents, np.int32).reshape(-1) for s in segments]),
+            [s.sampling for s in segments],
+        )
+
+    @property
+    def starts(self) -> np.ndarray:
+        """i64[n]: where each segment's tokens start in `tokens`."""
+        if self._starts is None:
+            self._starts = np.cumsum(self.lens) - self.lens
+        return self._starts
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.slots.shape[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"segment {i} of {n}")
+        i %= n
+        a = int(self.starts[i])
+        b = a + int(self.lens[i])
+        return Segment(int(self.slots[i]), int(self.ctx_lens[i]), self.tokens[a:b],
+                       self.parents[a:b], self.sampling[i])  # fmt: skip
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __add__(self, other: Sequence[Segment]) -> SegmentBatch:
+        if not len(other):
+            return self
+        other = SegmentBatch.of(other)
+        if not len(self):
+            return other
+        return SegmentBatch(
+            np.concatenate([self.slots, other.slots]),
+            np.concatenate([self.ctx_lens, other.ctx_lens]),
+            np.concatenate([self.lens, other.lens]),
+            np.concatenate([self.tokens, other.tokens]),
+            np.concatenate([self.parents, other.parents]),
+            self.sampling + other.sampling,
+        )
+
+    def __radd__(self, other: Sequence[Segment]) -> SegmentBatch:
+        return SegmentBatch.of(other) + self
+
+    def chains(self) -> np.ndarray:
+        """bool[n]: segment i is a chain (node j's parent is j - 1)."""
+        seg_of, local, _ = ragged_index(self.lens)
+        off_chain = seg_of[self.parents != local - 1]
+        return np.bincount(off_chain, minlength=len(self)) == 0
+
+
 def validate_segments(
     segments: Sequence[Segment], vocab_size: int, num_slots: int, max_len: int
 ) -> None:
     """`Segment.validate` for a whole batch at once (vectorized); on any violation the
     per-segment check runs to raise its message naming the segment's problem."""
-    if not segments:
+    if not len(segments):
         return
     try:
-        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-        slots = np.fromiter((s.slot for s in segments), np.int64, len(segments))
-        ctx = np.fromiter((s.ctx_len for s in segments), np.int64, len(segments))
-        tokens = np.concatenate([s.tokens for s in segments])
-        parents = np.concatenate([s.parents for s in segments])
+        b = SegmentBatch.of(segments)
+        lens, slots, ctx, tokens = b.lens, b.slots, b.ctx_lens, b.tokens
         ok = (
             lens.min() > 0
-            and all(s.parents.shape == s.tokens.shape for s in segments)
             and slots.min() >= 0
             and slots.max() < num_slots
             and ctx.min() >= 0
@@ -152,7 +252,7 @@ def validate_segments(
         )
         if ok:
             _, local, _ = ragged_index(lens)
-            ok = bool(np.all((parents >= -1) & (parents < local)))
+            ok = bool(np.all((b.parents >= -1) & (b.parents < local)))
     except (ValueError, TypeError, AttributeError):
         ok = False
     if not ok:
@@ -191,12 +291,13 @@ class FlatBatch:
         moves: Sequence[Move] = (),
         max_moves: int = 0,
     ) -> FlatBatch:
-        total = sum(len(s) for s in segments)
-        t = next((b for b in token_buckets if b >= total), None)
+        b = SegmentBatch.of(segments)
+        total = b.num_tokens
+        t = next((x for x in token_buckets if x >= total), None)
         if t is None:
             raise ValueError(f"{total} tokens exceed the largest token bucket {max(token_buckets)}")
-        max_ctx = max((s.ctx_len for s in segments), default=0)
-        ctx = next((b for b in ctx_buckets if b >= max_ctx), None)
+        max_ctx = int(b.ctx_lens.max()) if len(b) else 0
+        ctx = next((c for c in ctx_buckets if c >= max_ctx), None)
         if ctx is None:
             raise ValueError(
                 f"context {max_ctx} exceeds the largest context bucket {max(ctx_buckets)}"
@@ -219,26 +320,25 @@ class FlatBatch:
             "move_dst": np.zeros(max_moves, np.int32),
         }
         offsets: tuple[int, ...] = ()
-        if segments:
-            lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-            seg_of, local, starts = ragged_index(lens)  # each token's segment and node index
+        if len(b):
+            seg_of, local, starts = ragged_index(b.lens)  # each token's segment and node index
             offsets = tuple(starts.tolist())
-            ctx_len = np.fromiter((s.ctx_len for s in segments), np.int64, len(segments))[seg_of]
+            ctx_len = b.ctx_lens[seg_of]
             depth = local.copy()  # chains; trees below
             mask = (seg_of[:, None] == seg_of[None, :]) & (local[None, :] <= local[:, None])
-            for s, o in zip(segments, offsets, strict=True):
-                if not s.is_chain():
-                    sl = slice(o, o + len(s))
-                    depth[sl] = s.depths()
-                    mask[sl, sl] = s.ancestor_mask()
-            a["tokens"][:total] = np.concatenate([s.tokens for s in segments])
-            a["slot"][:total] = np.fromiter((s.slot for s in segments), np.int32)[seg_of]
+            for i in np.flatnonzero(~b.chains()).tolist():
+                seg = b[i]
+                sl = slice(offsets[i], offsets[i] + len(seg))
+                depth[sl] = seg.depths()
+                mask[sl, sl] = seg.ancestor_mask()
+            a["tokens"][:total] = b.tokens
+            a["slot"][:total] = b.slots[seg_of]
             a["position"][:total] = ctx_len + depth
             a["cache_index"][:total] = ctx_len + local
             a["ctx_len"][:total] = ctx_len
             a["tree_mask"][:total, :total] = mask
             for key in ("temperature", "top_k", "top_p", "seed"):  # SamplingParams fields
-                values = [getattr(s.sampling, key) for s in segments]
+                values = [getattr(sp, key) for sp in b.sampling]
                 a[key][:total] = np.asarray(values, a[key].dtype)[seg_of]
         for i, m in enumerate(moves):
             a["move_slot"][i], a["move_src"][i], a["move_dst"][i] = m.slot, m.src, m.dst

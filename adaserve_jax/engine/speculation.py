@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Segment
+from adaserve_jax.engine.batch import Segment, SegmentBatch
 from adaserve_jax.engine.device import DeviceModel, attention_function
 from adaserve_jax.engine.mesh import shard_attention
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, layout_ranks, tree_depths
@@ -93,14 +93,15 @@ class DraftDevice:
 
         Only each segment's last token gets its top-k (the root of the next tree); the other
         rows are zeros (their K/V is all the draft needs of them)."""
+        segments = SegmentBatch.of(segments)
         batch = self.device.build(segments)
         vals_s, idx_s = (np.asarray(x) for x in self.device._call(batch, "topk_last"))
         n = batch.num_tokens
         vals = np.zeros((n, vals_s.shape[1]), np.float32)
         idx = np.zeros((n, idx_s.shape[1]), np.int32)
-        for seg, off in zip(segments, batch.offsets, strict=True):
-            vals[off + len(seg) - 1] = vals_s[seg.slot]
-            idx[off + len(seg) - 1] = idx_s[seg.slot]
+        last = segments.starts + segments.lens - 1  # each segment's last token
+        vals[last] = vals_s[segments.slots]
+        idx[last] = idx_s[segments.slots]
         return vals, idx, batch.offsets
 
     def expand(

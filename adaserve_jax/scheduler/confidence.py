@@ -32,22 +32,25 @@ import math
 import numpy as np
 
 
-def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted least-squares non-decreasing fit of y (pool adjacent violators)."""
-    vals: list[float] = []
-    wts: list[float] = []
-    lens: list[int] = []
-    for yi, wi in zip(y.tolist(), w.tolist(), strict=True):
-        vals.append(yi)
-        wts.append(wi)
-        lens.append(1)
-        while len(vals) > 1 and vals[-2] > vals[-1]:
-            wsum = wts[-2] + wts[-1]
-            merged = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum
-            lens[-2] += lens[-1]
-            vals[-2], wts[-2] = merged, wsum
-            del vals[-1], wts[-1], lens[-1]
-    return np.repeat(np.array(vals), lens)
+def isotonic_rows(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit of every row of y [R, n] (weights w > 0,
+    same shape), all rows at once: pool adjacent violators, merging every adjacent pair of
+    blocks whose means decrease in one pass (a run of decreasing blocks pools into one, as
+    the one-pair-at-a-time algorithm would pool it), until no pair decreases."""
+    y = np.asarray(y, np.float64)
+    rows, n = y.shape
+    wf = np.asarray(w, np.float64).ravel()
+    wy = wf * y.ravel()
+    start = np.ones(rows * n, bool)  # element begins a block
+    row_start = np.arange(rows * n) % n == 0  # blocks never span two rows
+    while True:
+        block = np.cumsum(start) - 1  # block of every element
+        first = np.flatnonzero(start)  # each block's first element
+        mean = np.bincount(block, wy, first.size) / np.bincount(block, wf, first.size)
+        merge = (mean[:-1] > mean[1:]) & ~row_start[first[1:]]
+        if not merge.any():
+            return mean[block].reshape(rows, n)
+        start[first[1:][merge]] = False
 
 
 def sibling_rank(parents: np.ndarray) -> np.ndarray:
@@ -238,14 +241,14 @@ class AcceptanceCalibrator:
         """[ranks, depths, bins] calibrated P(child accepted | parent accepted) per sibling
         rank, child depth and q bin: non-decreasing in q, values in (0, 1]."""
         w = self.prior_weight
-        out = np.empty(self.verified.shape)
-        for k in range(self.ranks):
-            ver, acc = self.verified[k].sum(axis=0), self.accepted[k].sum(axis=0)
-            pooled = _isotonic((acc + w * np.exp(self.centers)) / (ver + w), ver + w)
-            for d in range(self.depths):
-                weight = self.verified[k, d] + w
-                out[k, d] = _isotonic((self.accepted[k, d] + w * pooled) / weight, weight)
-        return np.clip(out, 1e-6, 1.0)
+        # per rank, pooled over depths, pulled to the raw q; then per (rank, depth), pulled to
+        # its rank's pooled table
+        ver, acc = self.verified.sum(axis=1), self.accepted.sum(axis=1)  # [ranks, bins]
+        pooled = isotonic_rows((acc + w * np.exp(self.centers)) / (ver + w), ver + w)
+        weight = (self.verified + w).reshape(-1, self.bins)
+        prior = np.repeat(pooled, self.depths, axis=0)  # [ranks * depths, bins]
+        out = isotonic_rows((self.accepted.reshape(-1, self.bins) + w * prior) / weight, weight)
+        return np.clip(out.reshape(self.verified.shape), 1e-6, 1.0)
 
     def log_rate(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
         """Calibrated log P(accepted | parent accepted) for raw conditional log q at child

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Move, Segment, ragged_index
+from adaserve_jax.engine.batch import Move, Segment, SegmentBatch, ragged_index
 from adaserve_jax.engine.kv_alloc import SlotAllocator
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_nodes, layout_depths
 from adaserve_jax.scheduler.budget import (
@@ -75,12 +75,14 @@ class StepEngine(Protocol):
     has_draft: bool
 
     def forward(
-        self, segments: list[Segment], moves: list[Move]
+        self, segments: Sequence[Segment], moves: list[Move]
     ) -> tuple[np.ndarray, tuple[int, ...]]:
-        """Run the target; returns (sampled token per batch token, segment offsets)."""
+        """Run the target; returns (sampled token per batch token, segment offsets). The
+        scheduler passes a `SegmentBatch` (engine/batch.py: flat arrays, also a sequence of
+        segments)."""
         ...
 
-    def draft_step(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
+    def draft_step(self, segments: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Run the draft; returns (top-k log-probs [n,k], top-k tokens [n,k], offsets)."""
         ...
 
@@ -338,7 +340,9 @@ class Scheduler:
         step_s = self._step_times().seconds()
         skipped = np.array([r.skipped for r in decode], np.int64)
         choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
-        prefilling = self._gate_prompts(prefilling, slo, slack, remaining)
+        # without forced requests the gate's own baseline is this very choice
+        base = None if (skipped >= self.max_skips).any() else choice.on_track
+        prefilling = self._gate_prompts(prefilling, slo, slack, remaining, base)
         floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
         limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
         kept = []
@@ -357,10 +361,12 @@ class Scheduler:
         slo: np.ndarray,
         slack: np.ndarray,
         remaining: np.ndarray,
+        base_on_track: int | None = None,
     ) -> list[RequestState]:
         """The prompts that may be prefilled now (pacing.py `gate_prompts`), given the decoding
-        requests' TPOT SLOs, slack and remaining tokens; prompts of requests with a TTFT SLO
-        always may."""
+        requests' TPOT SLOs, slack and remaining tokens (and, when known, how many of them the
+        pacing choice keeps on track without forced requests); prompts of requests with a TTFT
+        SLO always may."""
         gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
         if not gated:
             return prefilling
@@ -371,6 +377,7 @@ class Scheduler:
             self._step_times().seconds(),
             tpot_slo_s(gated),
             np.array([r.request.max_tokens for r in gated], np.int64),
+            base_on_track=base_on_track,
         )
         let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}
         return [r for r in prefilling if r.request.ttft_slo_ms is not None or id(r) in let_in]
@@ -404,8 +411,8 @@ class Scheduler:
         est = float(step_s[min(n * (1 + depth), self.token_budget)])
         if self.profile.draft is not None:
             lag = self._draft_lag(decode)
-            draft = self.profile.draft.latency_ms(np.array([max(lag, n), n], float))
-            est += (float(draft[0]) + (depth - 1) * float(draft[1])) / 1e3
+            draft = self.profile.draft.latency_ms
+            est += (draft(max(lag, n)) + (depth - 1) * draft(n)) / 1e3
         live = cap >= step_s[1]
         return bool(np.all(cap[live] >= est))
 
@@ -475,15 +482,15 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _root_segments(self, decode: list[RequestState]) -> list[Segment]:
+    def _root_segments(self, decode: list[RequestState]) -> SegmentBatch:
         """One token per decoding request (its pending token): plain decoding."""
         roster = self._roster_of(decode)
         return segments(
-            roster.slots_l,
+            roster.slots,
             [r.cached for r in decode],
             np.array([r.output[-1] for r in decode], np.int32),
             None,
-            range(1, len(decode) + 1),
+            np.arange(1, len(decode) + 1),
             roster.sampling,
         )
 
@@ -511,7 +518,7 @@ class Scheduler:
         if len(catch_up) != ends[-1]:
             raise RuntimeError("draft catch-up chains do not match the requests' KV rows")
         chains = np.array(catch_up, np.int32)
-        draft_segs = segments(roster.slots_l, behind_l, chains, None, ends.tolist())
+        draft_segs = segments(roster.slots, behind_l, chains, None, ends)
         return draft_segs, chains, lens, ends, cached_l, out_len_l
 
     def _speculate(
@@ -519,7 +526,7 @@ class Scheduler:
         decode: list[RequestState],
         prefill: list[tuple[RequestState, int]],
         prefill_segs: list[Segment],
-    ) -> tuple[list[Segment], int]:
+    ) -> tuple[SegmentBatch, int]:
         """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments.
 
         Every request at once: its state is read into arrays once, the catch-up chains and
@@ -582,14 +589,13 @@ class Scheduler:
         if trees.in_cache is not None and self.reuse_draft_kv:
             self._verify_in_cache = trees.in_cache[row_of, nodes]
         drafted = trees.tokens.shape[1] - 1
-        ends_l = (starts + counts).tolist()
         for r, c, k in zip(decode, cached_l, counts.tolist(), strict=True):
             r.draft_cached = c + 1
             st = r.stats
             st.drafted += drafted
             st.selected += k - 1
-        verify = segments(slots_l, cached_l, tokens, parents, ends_l, roster.sampling)
-        return verify, ends_l[-1]
+        verify = segments(slots, cached_l, tokens, parents, starts + counts, roster.sampling)
+        return verify, int(tokens.size)
 
     def _adaserve_select(
         self,
@@ -665,7 +671,7 @@ class Scheduler:
     def _commit_trees(
         self,
         decode: list[RequestState],
-        segs: list[Segment],
+        segs: SegmentBatch,
         sampled: np.ndarray,
         offsets: tuple[int, ...],
         now: float,

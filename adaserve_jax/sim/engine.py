@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Move, Segment
+from adaserve_jax.engine.batch import Move, Segment, SegmentBatch
 from adaserve_jax.engine.tree import DraftTrees, TreeShape, layout_ranks
 from adaserve_jax.sim.calibration import Calibration
 from adaserve_jax.sim.profiles import SimProfile
@@ -91,40 +91,30 @@ class SimEngine:
         self, segments: list[Segment], moves: list[Move]
     ) -> tuple[np.ndarray, tuple[int, ...]]:
         t0 = time.thread_time()
-        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-        offsets = np.zeros(len(segments), np.int64)
-        np.cumsum(lens[:-1], out=offsets[1:])
-        total = int(lens.sum())
+        b = SegmentBatch.of(segments)
+        lens, offsets, total = b.lens, b.starts, b.num_tokens
         step_s = (self.profile.verify_ms(total) + self.profile.host_ms) / 1e3
         self.clock.advance(step_s)
         self.verify_seconds += step_s
         sampled = np.zeros(total, np.int32)
-        trees = [
-            i
-            for i, s in enumerate(segments)
-            if self._tree_ctx[s.slot] >= 0 and self._tree_ctx[s.slot] == s.ctx_len
-        ]
-        if trees:
-            slots = np.array([segments[i].slot for i in trees])
-            tl = lens[trees]
-            nodes = np.concatenate([segments[i].tokens for i in trees]).astype(np.int64)
-            starts = np.zeros(len(trees), np.int64)
-            np.cumsum(tl[:-1], out=starts[1:])
-            nodes[starts] = 0  # the root's token is the real pending token; it is node 0
-            rows = np.repeat(slots, tl)
-            where = np.repeat(offsets[trees] - starts, tl) + np.arange(int(tl.sum()))
-            sampled[where] = self._truth[rows, nodes]
+        if len(b):
+            # the segments verifying this step's trees: at their slot's tree position
+            ctx = self._tree_ctx[b.slots]
+            is_tree = (ctx >= 0) & (ctx == b.ctx_lens)
+            owner = np.repeat(is_tree, lens)  # token of a tree segment
+            nodes = b.tokens.astype(np.int64)
+            nodes[offsets[is_tree]] = 0  # the root's token is the real pending token: node 0
+            rows = np.repeat(b.slots, lens)[owner]
+            sampled[owner] = self._truth[rows, nodes[owner]]
         self._tree_ctx[:] = -1
         self.cpu_seconds += time.thread_time() - t0
-        return sampled, tuple(int(o) for o in offsets)
+        return sampled, tuple(offsets.tolist())
 
     def draft_step(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Top-k draft log-probs for every batch token; only segment ends are drawn (roots)."""
         t0 = time.thread_time()
-        lens = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-        offsets = np.zeros(len(segments), np.int64)
-        np.cumsum(lens[:-1], out=offsets[1:])
-        total = int(lens.sum())
+        b = SegmentBatch.of(segments)
+        lens, offsets, total = b.lens, b.starts, b.num_tokens
         step_s = self.profile.draft_ms(total) / 1e3
         self.clock.advance(step_s)
         self.draft_seconds += step_s
@@ -138,7 +128,7 @@ class SimEngine:
             with np.errstate(divide="ignore"):
                 vals[ends] = np.log(np.maximum(q, 1e-30))
         self.cpu_seconds += time.thread_time() - t0
-        return vals, toks, tuple(int(o) for o in offsets)
+        return vals, toks, tuple(offsets.tolist())
 
     def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
         """Simulated trees for the rows with a root (root_pos > 0); see the module docstring."""

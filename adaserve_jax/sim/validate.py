@@ -1,8 +1,8 @@
 """Validate the simulator against a real bench run: same trace, load, sizing and policies.
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
-        [--host-ms MS|measured] [--tokenizer checkpoints/tokenizer.json] [--calibration FILE]
-        [--json OUT.json]
+        [--host-ms MS|measured] [--speed profile|measured|cell]
+        [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
 workload (first `num_requests` arrivals, `max_output_len`, prompts tokenized and truncated
@@ -17,7 +17,10 @@ engine's device calls), instead of one constant for every policy. `--speed measu
 the bench profile's device latencies by the run's measured baseline TPOT over the profile's
 (`--baseline measured` runs: how much slower or faster the machine was when the replay began
 than when the profile was taken; 1.19x in a run whose profile said 3.85 ms and whose lone
-request then took 4.57 ms).
+request then took 4.57 ms). `--speed cell` scales them, per policy and load, by that replay's
+own `verify_speed` (the median of its verify calls' wall time over the profile's price of
+their bucket): the machine's speed drifts by tens of percent between minutes, and this
+compares the simulator with each replay at the speed the machine ran it.
 """
 
 from __future__ import annotations
@@ -76,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument(
         "--speed",
-        choices=("profile", "measured"),
+        choices=("profile", "measured", "cell"),
         default="profile",
-        help="measured: scale the bench profile's latencies by measured / profile baseline TPOT",
+        help="measured: scale the bench profile's latencies by measured / profile baseline "
+        "TPOT; cell: by each policy and load's own `verify_speed` (its verify calls' median "
+        "wall time over the profile's price)",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
@@ -96,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile != "bench" or st.get("baseline") != "measured":
             ap.error("--speed measured needs --profile bench and a --baseline measured run")
         speed = real["baseline_tpot_ms"] / st["profile_baseline_tpot_ms"]
+    per_cell = args.speed == "cell"
+    if per_cell and args.profile != "bench":
+        ap.error("--speed cell needs --profile bench")
     if args.profile == "bench":
         profile = _bench_profile(st, host_ms, args.bench_json, speed)
     else:
@@ -119,6 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
     for point in real["sweep"]:
         arrivals = arrival_times_s(entries, baseline, point["time_scale"])
         for policy, rs in point["policies"].items():
+            if per_cell:
+                if rs.get("verify_speed") is None:
+                    raise SystemExit(
+                        f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
+                        "no verify_speed (re-run the bench)"
+                    )
+                speed = rs["verify_speed"]
+                profile = _bench_profile(st, host_ms, args.bench_json, speed)
             if measured_host:
                 if rs.get("host_ms_per_iteration") is None:
                     raise SystemExit(
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "policy": policy,
                 "time_scale": point["time_scale"],
                 "sim_host_ms": profile.host_ms,
+                "sim_speed": speed,
                 "real_attainment": rs["attainment"],
                 "sim_attainment": att,
                 "attainment_gap_pp": 100 * (att - rs["attainment"]),
@@ -175,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench_json": args.bench_json,
         "profile": profile.name,
         "host_ms": "measured" if measured_host else profile.host_ms,
-        "speed": speed,
+        "speed": "cell" if per_cell else speed,
         "calibration": cal.path,
         "rows": rows,
     }

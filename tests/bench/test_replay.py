@@ -95,6 +95,9 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
         # scheduler Python per iteration: positive, and a fraction of the whole iteration
         iteration_ms = 1e3 * p["wall_s"] / p["iterations"]
         assert 0.0 < p["host_ms_per_iteration"] < iteration_ms, name
+        # the machine's speed against its profile while this policy ran: a positive ratio
+        # near 1 (the profile was measured minutes ago on the same machine)
+        assert 0.2 < p["verify_speed"] < 5.0, name
     # the recorded profile prices the adaserve expansion call for the simulator's validation
     assert list(result["settings"]["latency_profile"]["expand_ms"]) == ["4,1,2"]
     assert result["policies"]["autoregressive"]["mean_accepted_per_step"] == 1.0

@@ -169,3 +169,31 @@ def test_slo_need_horizons():
     assert paper == pytest.approx(12) and spread == pytest.approx(0.1 * 80 / 3.5)
     # past its deadline for the whole request: best effort (-1), served last
     assert slo_need(np.array([6.0]), np.array([20]), np.array([t]), t_iter, np.array([80]))[0] < 0
+
+
+def _pava(y: list[float], w: list[float]) -> list[float]:
+    """Reference: the textbook pool-adjacent-violators, one pair at a time."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for yi, wi in zip(y, w, strict=True):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks[-1]
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
+    return [m for m, _, n in blocks for _ in range(n)]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), n=st.integers(1, 25))
+def test_isotonic_rows_is_pool_adjacent_violators_per_row(seed, rows, n):
+    from adaserve_jax.scheduler.confidence import isotonic_rows
+
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0, 1, (rows, n))
+    if seed % 3 == 0:
+        y = np.sort(y, axis=1)[:, ::-1]  # all decreasing: one pool per row
+    w = rng.uniform(0.1, 10, (rows, n))
+    got = isotonic_rows(y, w)
+    assert np.all(np.diff(got, axis=1) >= -1e-12)
+    for r in range(rows):
+        np.testing.assert_allclose(got[r], _pava(y[r].tolist(), w[r].tolist()), rtol=1e-12)

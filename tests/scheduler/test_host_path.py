@@ -11,12 +11,19 @@ from hypothesis import strategies as st
 from test_confidence import random_forest
 from test_selector import inputs_st
 
-from adaserve_jax.engine.batch import GREEDY, Move, SamplingParams, Segment
+from adaserve_jax.engine.batch import (
+    GREEDY,
+    Move,
+    SamplingParams,
+    Segment,
+    SegmentBatch,
+    validate_segments,
+)
 from adaserve_jax.engine.tree import layout_depths, layout_ranks, tree_size
 from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
 from adaserve_jax.scheduler.request import Request, RequestState
 from adaserve_jax.scheduler.roster import NO_SLO_MS, Roster
-from adaserve_jax.scheduler.segments import chain_parents, moves, segments
+from adaserve_jax.scheduler.segments import moves, segments
 from adaserve_jax.scheduler.selector import select, select_nodes
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -41,15 +48,34 @@ def test_segments_equal_the_constructors():
     want = [Segment(5, 7, tokens[:3], parents[:3]), Segment(1, 0, tokens[3:4], parents[3:4]),
             Segment(2, 30, tokens[4:], parents[4:])]  # fmt: skip
     assert [_fields(s) for s in trees] == [_fields(s) for s in want]
-    assert segments([], [], tokens[:0], None, []) == []
+    assert list(segments([], [], tokens[:0], None, [])) == []
 
 
-def test_chain_parents_are_shared_and_read_only():
-    p = chain_parents(200)  # longer than the initial buffer
-    assert p.tolist() == list(range(-1, 199)) and p.dtype == np.int32
-    with pytest.raises(ValueError):
-        p[0] = 5
-    assert chain_parents(3).tolist() == [-1, 0, 1]
+def test_segment_batch_is_the_sequence_of_its_segments():
+    """`SegmentBatch.of` a list, `+` with lists and batches, indexing and the chain test agree
+    with the `Segment`s themselves; the engines' checks see a bad segment inside a batch."""
+    hot = SamplingParams(temperature=0.7, seed=3)
+    segs = [Segment.chain(5, 7, [10, 11, 12]), Segment(1, 0, np.array([13, 14, 15], np.int32),
+            np.array([-1, 0, 0], np.int32), hot), Segment.chain(2, 30, [16])]  # fmt: skip
+    b = SegmentBatch.of(segs)
+    assert len(b) == 3 and b.num_tokens == 7 and b.starts.tolist() == [0, 3, 6]
+    assert [_fields(s) for s in b] == [_fields(s) for s in segs]
+    assert _fields(b[-1]) == _fields(segs[-1]) and [_fields(s) for s in b[1:]] == [
+        _fields(s) for s in segs[1:]
+    ]
+    with pytest.raises(IndexError):
+        b[3]
+    assert b.chains().tolist() == [s.is_chain() for s in segs] == [True, False, True]
+    for joined in (b[:1] + SegmentBatch.of(segs[1:]), SegmentBatch.of(segs[:2]) + segs[2:],
+                   segs[:1] + SegmentBatch.of(segs[1:]), b + [], [] + b):  # fmt: skip
+        assert isinstance(joined, SegmentBatch)
+        assert [_fields(s) for s in joined] == [_fields(s) for s in segs]
+    assert SegmentBatch.of(b) is b and len(SegmentBatch.of([])) == 0
+    validate_segments(b, vocab_size=32, num_slots=8, max_len=64)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        validate_segments(b + [Segment.chain(3, 0, [40])], vocab_size=32, num_slots=8, max_len=64)
+    with pytest.raises(ValueError, match="one entry per segment"):
+        SegmentBatch([1, 2], [0], [1, 1], [3, 4], [-1, -1])
 
 
 def test_moves_equal_the_constructor():

@@ -11,7 +11,7 @@ from mock_engine import MockEngine
 
 from adaserve_jax.scheduler.budget import LatencyProfile
 from adaserve_jax.scheduler.loop import Scheduler
-from adaserve_jax.scheduler.pacing import StepTimes, pace_step
+from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step
 from adaserve_jax.scheduler.request import Request
 
 # step seconds by tokens carried (index = tokens), shaped like this CPU's buckets 1, 2, 4, 8
@@ -107,6 +107,40 @@ def test_choice_keeps_the_most_requests_on_track(reqs, increments):
     again = pace_step(slack, slo, rem, np.zeros(n), step, margin=0.0)
     assert again.include.tolist() == choice.include.tolist()
     assert again.max_tokens == choice.max_tokens
+
+
+def _gate_by_trials(slack, slo, rem, step, new_slo, new_rem) -> list[bool]:
+    """The prompt gate's definition: one pacing trial per waiting prompt, in order."""
+    ok = []
+    base = pace_step(slack, slo, rem, np.zeros(slack.size), step).on_track if slack.size else 0
+    for s, r in zip(new_slo, new_rem, strict=True):
+        if slack.size >= step.size - 1:
+            ok.append(False)
+            continue
+        trial = np.append(slack, 0.0), np.append(slo, s), np.append(rem, r)
+        got = pace_step(*trial, np.zeros(slack.size + 1), step).on_track
+        ok.append(bool(got >= base + (1 if s >= step[1] else 0)))
+        if ok[-1]:
+            (slack, slo, rem), base = trial, got
+    return ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-20.0, 30.0), st.sampled_from([4.8, 6.7, 20.0]),
+                       st.integers(1, 30)), max_size=5),  # fmt: skip
+    st.lists(st.tuples(st.sampled_from([3.0, 4.8, 6.7, 20.0]), st.integers(1, 30)), max_size=12),
+)
+def test_prompt_gate_is_one_trial_per_prompt(decoding, waiting):
+    """gate_prompts skips the trials of prompts whose SLO was just turned away: the same
+    answer as trying every waiting prompt in turn."""
+    slack = np.array([d[0] for d in decoding]) / 1e3
+    slo = np.array([d[1] for d in decoding]) / 1e3
+    rem = np.array([d[2] for d in decoding], np.int64)
+    new_slo = np.array([w[0] for w in waiting]) / 1e3
+    new_rem = np.array([w[1] for w in waiting], np.int64)
+    got = gate_prompts(slack, slo, rem, STEEP, new_slo, new_rem)
+    assert got.tolist() == _gate_by_trials(slack, slo, rem, STEEP, new_slo, new_rem)
 
 
 class _TimedEngine(MockEngine):

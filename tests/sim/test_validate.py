@@ -16,7 +16,7 @@ PROFILE = {
 }
 
 
-def bench_json(tmp_path: Path, host_ms: dict) -> Path:
+def bench_json(tmp_path: Path, host_ms: dict, speed: dict | None = None) -> Path:
     trace = write_trace(tmp_path / "trace.json", n=6)
     policies = {
         name: {
@@ -26,6 +26,7 @@ def bench_json(tmp_path: Path, host_ms: dict) -> Path:
             "wall_s": 1.0,
             "tpot_p50_ms": 5.0,
             "host_ms_per_iteration": ms,
+            "verify_speed": (speed or {}).get(name),
         }
         for name, ms in host_ms.items()
     }
@@ -77,3 +78,22 @@ def test_measured_host_time_missing_or_bad(tmp_path, cal_file):
         run(path, cal_file, "--host-ms", "measured")
     with pytest.raises(SystemExit):
         run(path, cal_file, "--host-ms", "lots")
+
+
+def test_cell_speed_prices_each_replay_at_its_own_speed(tmp_path, cal_file):
+    """`--speed cell` scales the profile per policy and load by the replay's verify_speed:
+    the same replay recorded at 1.5x the profile's latencies is simulated that much slower."""
+    tpot = {}
+    for speed in (1.0, 1.5):
+        path = bench_json(tmp_path, {"autoregressive": 0.0}, speed={"autoregressive": speed})
+        out = run(path, cal_file, "--speed", "cell")
+        (row,) = out["rows"]
+        assert out["speed"] == "cell" and row["sim_speed"] == speed
+        tpot[speed] = row["sim_tpot_p50_ms"]
+    # every step 1.5x longer (and, at the same arrival times, more requests share the steps)
+    assert tpot[1.5] >= 1.5 * tpot[1.0] - 1e-9
+    missing = bench_json(tmp_path, {"autoregressive": 0.4})
+    with pytest.raises(SystemExit, match="verify_speed"):
+        run(missing, cal_file, "--speed", "cell")
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--speed", "cell", "--profile", "local")
