@@ -161,6 +161,7 @@ class Scheduler:
         # the flat arrays `_speculate` cut this step's verify segments from, for `_commit_trees`
         self._verify: tuple | None = None
         self._roster: Roster | None = None  # the decoding requests' fixed fields, as arrays
+        self._slack_memo: tuple | None = None  # (iteration, decode list, `_slack` of it)
         self._rank = np.zeros((0, 0), np.int32)
         self._select_seconds = 0.0
         self._prefill_tokens = 0
@@ -340,11 +341,13 @@ class Scheduler:
         step_s = self._step_times().seconds()
         skipped = np.array([r.skipped for r in decode], np.int64)
         choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
-        # without forced requests the gate's own baseline is this very choice
-        base = None if (skipped >= self.max_skips).any() else choice.on_track
-        prefilling = self._gate_prompts(prefilling, slo, slack, remaining, base)
+        # (the gate never holds back a prompt with a TTFT SLO, so the floor is known before it)
         floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
         limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
+        if limit > choice.include.sum():  # else no prompt token fits this step: no gate
+            # without forced requests the gate's own baseline is this very choice
+            base = None if (skipped >= self.max_skips).any() else choice.on_track
+            prefilling = self._gate_prompts(prefilling, slo, slack, remaining, base)
         kept = []
         for r, keep in zip(decode, choice.include.tolist(), strict=True):
             if keep:
@@ -389,12 +392,18 @@ class Scheduler:
         return self._times
 
     def _slack(self, decode: list[RequestState]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(TPOT SLO s, slack s, tokens remaining) of the decoding requests (pacing.py)."""
+        """(TPOT SLO s, slack s, tokens remaining) of the decoding requests (pacing.py); once
+        per iteration (the exploration check and pacing both ask, for the same requests)."""
+        memo = self._slack_memo
+        if memo is not None and memo[0] == self.iterations and memo[1] is decode:
+            return memo[2]
         roster = self._roster_of(decode)
         out_len = np.array([len(r.output) for r in decode], np.int64)
         slo = roster.tpot_slo_s
         slack = np.maximum(out_len - 1, 0) * slo - roster.elapsed(self.clock())
-        return slo, slack, roster.max_tokens - out_len
+        out = slo, slack, roster.max_tokens - out_len
+        self._slack_memo = (self.iterations, decode, out)
+        return out
 
     def _exploration_affordable(self, decode: list[RequestState]) -> bool:
         """With SLO pacing: a speculative exploration waits until every request that can still
