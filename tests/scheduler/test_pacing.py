@@ -127,8 +127,10 @@ def _gate_by_trials(slack, slo, rem, step, new_slo, new_rem) -> list[bool]:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.floats(-20.0, 30.0), st.sampled_from([4.8, 6.7, 20.0]),
-                       st.integers(1, 30)), max_size=5),  # fmt: skip
+    st.lists(
+        st.tuples(st.floats(-20.0, 30.0), st.sampled_from([4.8, 6.7, 20.0]), st.integers(1, 30)),
+        max_size=5,
+    ),  # fmt: skip
     st.lists(st.tuples(st.sampled_from([3.0, 4.8, 6.7, 20.0]), st.integers(1, 30)), max_size=12),
 )
 def test_prompt_gate_is_one_trial_per_prompt(decoding, waiting):
