@@ -68,11 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-budget", type=positive(int), default=None)
     ap.add_argument(
         "--baseline",
-        choices=("profile", "measured"),
+        choices=("profile", "measured", "per-run"),
         default="profile",
         help="baseline TPOT scaling SLOs and arrivals: the engine's start-up profile, or one "
-        "request served alone through the scheduler right before the replay (includes host "
-        "overhead and current machine load)",
+        "request served alone through the scheduler right before the sweep (measured; includes "
+        "host overhead and current machine load), or right before every policy's replay "
+        "(per-run: each replay's SLOs and arrivals follow the machine's speed as it ran)",
     )
     ap.add_argument(
         "--repeats",
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = engine.baseline_tpot_ms
     try:
-        if args.baseline == "measured":
+        if args.baseline in ("measured", "per-run"):
             probe = build_requests(
                 engine, entries[:1], max_output_len=32, max_prompt_len=args.max_prompt_len
             )[0]
@@ -202,6 +203,24 @@ def main(argv: list[str] | None = None) -> dict:
     settings["baseline"] = args.baseline
     settings["profile_baseline_tpot_ms"] = engine.baseline_tpot_ms
     settings["repeats"] = args.repeats
+    per_run = {}
+    if args.baseline == "per-run":
+
+        def rebaseline() -> float:
+            b = measure_baseline_tpot_ms(engine, probe)
+            print(f"baseline TPOT {b:.2f} ms", flush=True)
+            return b
+
+        def requests_for(b: float) -> list:
+            return build_requests(
+                engine,
+                entries,
+                max_output_len=args.max_output_len,
+                max_prompt_len=args.max_prompt_len,
+                baseline_tpot_ms=b,
+            )
+
+        per_run = {"rebaseline": rebaseline, "requests_for": requests_for}
     sweep = run_sweep(
         engine,
         entries,
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=progress,
         on_run=save,
         repeats=args.repeats,
+        **per_run,
     )
     result = save(sweep)
     if args.json_out:

@@ -49,6 +49,8 @@ class _Raw:
     failed: int
     host_s: float | None
     verify_speed: list[float]  # each verify call's wall time / the profile's price of it
+    baseline_tpot_ms: float | None = None  # the replay's own baseline (per-run baselines)
+    offered_rps: float | None = None  # of the replay's own arrivals (per-run baselines)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -213,6 +215,10 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
     summary["failed"] = sum(r.failed for r in raws)
     summary["mean_decode_batch"] = float(np.mean(batches)) if batches else 0.0
     summary["offered_rps"] = offered_rps(np.asarray(arrivals_s))
+    if all(r.baseline_tpot_ms is not None for r in raws):  # per-run baselines
+        summary["baseline_tpot_ms"] = [r.baseline_tpot_ms for r in raws]
+        rps = [r.offered_rps for r in raws if r.offered_rps is not None]
+        summary["offered_rps"] = float(np.mean(rps)) if rps else None
     # scheduler Python per iteration: iteration wall time outside the engine's device calls
     summary["host_ms_per_iteration"] = None
     if all(r.host_s is not None for r in raws) and log_steps:
@@ -238,6 +244,8 @@ def run_sweep(
     log=print,
     on_run: Callable[[list[dict]], None] | None = None,
     repeats: int = 1,
+    rebaseline: Callable[[], float] | None = None,
+    requests_for: Callable[[float], Sequence[Request]] | None = None,
 ) -> list[dict]:
     """Every policy at every time scale; returns [{time_scale, offered_rps, policies}].
 
@@ -250,9 +258,18 @@ def run_sweep(
     order every other round (ABC CBA ABC ...), so a machine whose speed drifts over minutes
     slows every policy about alike; each policy's summary pools its rounds (attainment over
     all their requests, goodput over their summed wall time, `"repeats": N`).
+
+    `rebaseline` (with `requests_for`): per-run baselines. Right before every replay the
+    baseline TPOT is measured again (`rebaseline()`), and that replay's requests
+    (`requests_for(baseline)`: SLOs = the categories' multiples of it) and arrivals (scaled
+    by it) are built from it, so every policy is judged against the machine's speed when it
+    ran (this shared CPU's speed drifts by tens of percent between minutes). Each summary
+    records its rounds' `"baseline_tpot_ms"` (a list).
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"{repeats=} must be an int >= 1")
+    if (rebaseline is None) != (requests_for is None):
+        raise ValueError("rebaseline and requests_for go together")
     out = []
     baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     for scale in time_scales:
@@ -265,9 +282,16 @@ def run_sweep(
                     continue
                 desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")
                 try:
-                    raw = replay(
-                        engine, policy, requests, arrivals, progress=progress, desc=desc
-                    ).raw
+                    reqs, arr, base = requests, arrivals, None
+                    if rebaseline is not None:
+                        base = float(rebaseline())
+                        reqs = requests_for(base)
+                        arr = arrival_times_s(list(entries), base, scale)
+                    raw = replay(engine, policy, reqs, arr, progress=progress, desc=desc).raw
+                    if base is not None:
+                        raw = dataclasses.replace(
+                            raw, baseline_tpot_ms=base, offered_rps=offered_rps(arr)
+                        )
                 except Exception as exc:  # one policy's failure must not lose the whole sweep
                     point["policies"][policy] = {"error": f"{type(exc).__name__}: {exc}"}
                     log(f"[{policy} @ time-scale {scale:g}] FAILED: {type(exc).__name__}: {exc}")

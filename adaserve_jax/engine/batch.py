@@ -168,6 +168,12 @@ class SegmentBatch(Sequence[Segment]):
         n = len(segments)
         if n == 0:
             return cls(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), ())
+        for i, s in enumerate(segments):
+            if np.shape(s.parents) != np.shape(s.tokens):
+                raise ValueError(
+                    f"segment {i}: parents shape {np.shape(s.parents)} != tokens shape "
+                    f"{np.shape(s.tokens)}"
+                )
         return cls(
             [s.slot for s in segments],
             [s.ctx_len for s in segments],

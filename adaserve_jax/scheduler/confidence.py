@@ -273,7 +273,7 @@ class AcceptanceCalibrator:
         pos = np.minimum(np.maximum(below * self._scale, 0.0), self.bins - 1.0)
         lo = np.minimum(pos.astype(np.int64), self.bins - 2)
         pos -= lo  # the fraction of the way to the next center
-        lo += base  # flat index of (row, lo) in the table
+        lo = lo + base  # flat index of (row, lo) in the table
         out = self._slope[lo]
         out *= pos
         out += self._table[lo]
@@ -322,7 +322,8 @@ class AcceptanceCalibrator:
 
     def _layout_runs(self, depth: np.ndarray, rank: np.ndarray) -> tuple:
         """(column runs or None, table row bases i64[M - 1]) of a layout given per column;
-        cached for the last layout (the same arrays every iteration)."""
+        cached for the last layout when its arrays are read-only (the engines' layouts are the
+        same read-only arrays every iteration)."""
         key = self._layout_key
         if key is not None and key[0] is depth and key[1] is rank:
             return key[2], key[3]
@@ -332,5 +333,6 @@ class AcceptanceCalibrator:
         if all(a <= b for a, b in zip(d[1:], d[2:], strict=False)):  # one run per depth
             starts = [j for j in range(1, len(d)) if j == 1 or d[j] != d[j - 1]]
             runs = list(zip(starts, [*starts[1:], len(d)], strict=True))
-        self._layout_key = (depth, rank, runs, base)
+        if not (depth.flags.writeable or rank.flags.writeable):
+            self._layout_key = (depth, rank, runs, base)
         return runs, base

@@ -119,14 +119,25 @@ def main(argv: list[str] | None = None) -> dict:
         max_output_len=st["max_output_len"],
         max_prompt_len=st.get("max_prompt_len"),
     )
-    requests = build_requests(
-        entries, baseline, max_output_len=st["max_output_len"], max_len=max_len,
-        prompt_lengths=lengths,
-    )  # fmt: skip
+
+    def requests_at(b: float):  # the replay's requests: SLOs the categories' multiples of b
+        return build_requests(
+            entries, b, max_output_len=st["max_output_len"], max_len=max_len,
+            prompt_lengths=lengths,
+        )  # fmt: skip
+
+    requests = requests_at(baseline)
     rows = []
     for point in real["sweep"]:
         arrivals = arrival_times_s(entries, baseline, point["time_scale"])
         for policy, rs in point["policies"].items():
+            # `--baseline per-run` benches: every round had its own baseline (SLOs, arrivals)
+            rounds = [(requests, arrivals)]
+            if isinstance(rs.get("baseline_tpot_ms"), list):
+                rounds = [
+                    (requests_at(b), arrival_times_s(entries, b, point["time_scale"]))
+                    for b in rs["baseline_tpot_ms"]
+                ]
             if per_cell:
                 if rs.get("verify_speed") is None:
                     raise SystemExit(
@@ -150,11 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
                     # runs recorded before SLO pacing existed ran without it
                     slo_pacing=bool(st.get("slo_pacing", False)),
                 )  # fmt: skip
-                sims.append(simulate(profile, cal, policy, requests, arrivals, settings).summary)
+                for reqs, arr in rounds:
+                    sims.append(simulate(profile, cal, policy, reqs, arr, settings).summary)
             att = sum(s["attainment"] for s in sims) / len(sims)
             good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
             acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
-            wall = sum(s["wall_s"] for s in sims) / len(sims)
+            # a pooled real entry sums its rounds' wall time
+            wall = sum(s["wall_s"] for s in sims) / len(sims) * (rs.get("repeats") or 1)
             tpot = sum(s["tpot_p50_ms"] or 0.0 for s in sims) / len(sims)
             row = {
                 "policy": policy,

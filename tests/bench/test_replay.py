@@ -13,7 +13,7 @@ import pytest
 from adaserve_jax import ModelConfig
 from adaserve_jax.bench.__main__ import main
 from adaserve_jax.bench.replay import build_requests, run_sweep
-from adaserve_jax.bench.workload import load_workload
+from adaserve_jax.bench.workload import arrival_times_s, load_workload, offered_rps
 from adaserve_jax.model import init_params
 from adaserve_jax.model.checkpoint import save_model_dir
 from adaserve_jax.scheduler.loop import Scheduler
@@ -199,3 +199,36 @@ def test_sweep_repeats_take_turns_in_alternating_order_and_pool(tmp_path):
         assert s["attainment"] is not None and s["failed"] == 0
     with pytest.raises(ValueError, match="repeats"):
         run_sweep(engine, entries, requests, [ar], [0.01], progress=False, repeats=0)
+
+
+def test_sweep_per_run_baselines_rebuild_each_replay(tmp_path):
+    """`rebaseline`: every replay gets its own baseline, SLOs and arrivals from it, and the
+    summary records each round's baseline."""
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    entries = load_workload(workload)
+    engine = FakeEngine()
+    bases = iter([2.0, 3.0, 2.5, 4.0])
+    built = []
+
+    def requests_for(b):
+        built.append(b)
+        return build_requests(engine, entries, max_output_len=5, max_prompt_len=8,
+                              baseline_tpot_ms=b)  # fmt: skip
+
+    requests = requests_for(2.0)
+    sweep = run_sweep(
+        engine, entries, requests, ["autoregressive"], [0.01, 0.02], progress=False,
+        log=lambda *a, **k: None, repeats=2, rebaseline=lambda: next(bases),
+        requests_for=requests_for,
+    )  # fmt: skip
+    assert built == [2.0, 2.0, 3.0, 2.5, 4.0]
+    first, second = (pt["policies"]["autoregressive"] for pt in sweep)
+    assert first["baseline_tpot_ms"] == [2.0, 3.0] and second["baseline_tpot_ms"] == [2.5, 4.0]
+    assert first["requests"] == 12 and second["requests"] == 12
+    # arrivals scale with the baseline: a slower machine, a proportionally lower offered load
+    want = np.mean([offered_rps(arrival_times_s(entries, b, 0.01)) for b in (2.0, 3.0)])
+    assert first["offered_rps"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="go together"):
+        run_sweep(engine, entries, requests, ["autoregressive"], [0.01], progress=False,
+                  rebaseline=lambda: 2.0)  # fmt: skip

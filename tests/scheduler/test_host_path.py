@@ -74,6 +74,11 @@ def test_segment_batch_is_the_sequence_of_its_segments():
     validate_segments(b, vocab_size=32, num_slots=8, max_len=64)
     with pytest.raises(ValueError, match="token ids must be in"):
         validate_segments(b + [Segment.chain(3, 0, [40])], vocab_size=32, num_slots=8, max_len=64)
+    # parents and tokens of different lengths whose totals agree: still caught per segment
+    skewed = [Segment(0, 0, np.array([1, 2, 3], np.int32), np.array([-1, 0], np.int32)),
+              Segment(1, 0, np.array([4], np.int32), np.array([-1, -1], np.int32))]  # fmt: skip
+    with pytest.raises(ValueError, match="parents shape"):
+        validate_segments(skewed, vocab_size=32, num_slots=8, max_len=64)
     with pytest.raises(ValueError, match="one entry per segment"):
         SegmentBatch([1, 2], [0], [1, 1], [3, 4], [-1, -1])
 

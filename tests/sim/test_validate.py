@@ -97,3 +97,17 @@ def test_cell_speed_prices_each_replay_at_its_own_speed(tmp_path, cal_file):
         run(missing, cal_file, "--speed", "cell")
     with pytest.raises(SystemExit):
         run(path, cal_file, "--speed", "cell", "--profile", "local")
+
+
+def test_per_run_baselines_set_each_rounds_slos(tmp_path, cal_file):
+    """A `--baseline per-run` bench records each round's baseline; the simulator replays every
+    round at its own (SLOs and arrivals): loose baselines, every SLO met; tight ones, none."""
+    att = {}
+    for name, bases in (("loose", [40.0, 40.0]), ("tight", [0.5, 0.5])):
+        path = bench_json(tmp_path, {"autoregressive": 0.0})
+        data = json.loads(path.read_text())
+        data["sweep"][0]["policies"]["autoregressive"]["baseline_tpot_ms"] = bases
+        path.write_text(json.dumps(data))
+        (row,) = run(path, cal_file)["rows"]
+        att[name] = row["sim_attainment"]
+    assert att == {"loose": 1.0, "tight": 0.0}
