@@ -24,34 +24,30 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Move, Segment, SegmentBatch, ragged_index
+from adaserve_jax.engine.batch import Move, Segment, SegmentBatch
 from adaserve_jax.engine.kv_alloc import SlotAllocator
-from adaserve_jax.engine.tree import DraftTrees, TreeShape, accept_nodes, layout_depths
-from adaserve_jax.scheduler.budget import (
-    LatencyProfile,
-    choose_budget_from_trees,
-)
-from adaserve_jax.scheduler.confidence import AcceptanceCalibrator, sibling_rank
-from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step, step_caps
+from adaserve_jax.engine.tree import DraftTrees, TreeShape
+from adaserve_jax.scheduler.budget import LatencyProfile
+from adaserve_jax.scheduler.confidence import AcceptanceCalibrator
+from adaserve_jax.scheduler.paced_steps import PacedSteps
+from adaserve_jax.scheduler.pacing import StepTimes
 from adaserve_jax.scheduler.policy import (
     ADASERVE_RESERVE,
     Policy,
     PolicyKind,
     fit_adaserve_shape,
-    fixed_selection,
     parse_policy,
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
-from adaserve_jax.scheduler.roster import Roster, tpot_slo_s
-from adaserve_jax.scheduler.segments import moves, segments
-from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
+from adaserve_jax.scheduler.roster import Roster
+from adaserve_jax.scheduler.segments import segments
+from adaserve_jax.scheduler.speculative_steps import SpeculativeSteps
 
 TokenCallback = Callable[[RequestState, list[int]], None]
 
@@ -91,7 +87,10 @@ class StepEngine(Protocol):
         ...
 
 
-class Scheduler:
+class Scheduler(PacedSteps, SpeculativeSteps):
+    """The host loop (see the module docstring); SLO pacing and speculative iterations live in
+    scheduler/paced_steps.py and scheduler/speculative_steps.py."""
+
     def __init__(
         self,
         engine: StepEngine,
@@ -314,117 +313,6 @@ class Scheduler:
             )
         )
 
-    def _pacing_applies(self) -> bool:
-        """AdaServe with a profile on which batching slows the step: a second token costs more
-        than 5% over a lone token's step (this CPU: 5.4 vs 4.0 ms). On a flat profile (a GPU
-        below its knee; the paper's 70B profile: 30 ms, 30.2 ms) every request rides in every
-        step and every prompt is prefilled as the budget allows, as without pacing."""
-        if self._pacing_on is None:
-            self._pacing_on = False
-            if self.slo_pacing and self.profile is not None and self.token_budget >= 2:
-                if self.policy.kind is PolicyKind.ADASERVE:
-                    step = self._step_times().seconds()
-                    self._pacing_on = bool(step[2] > 1.05 * step[1])
-        return self._pacing_on
-
-    def _pace(
-        self, decode: list[RequestState], prefilling: list[RequestState]
-    ) -> tuple[list[RequestState], list[RequestState], int]:
-        """SLO pacing of a plain-decoding step (scheduler/pacing.py): the decoding requests in
-        it, the prompts that may be prefilled, and the step's token limit. Prompts of requests
-        with a TTFT SLO and the prefill floor are never held back."""
-        if len(decode) == 1 and not prefilling:
-            decode[0].skipped = 0
-            return decode, prefilling, self.token_budget  # nothing to choose
-        t0 = time.perf_counter()
-        slo, slack, remaining = self._slack(decode)
-        step_s = self._step_times().seconds()
-        skipped = np.array([r.skipped for r in decode], np.int64)
-        choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
-        # (the gate never holds back a prompt with a TTFT SLO, so the floor is known before it)
-        floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
-        limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
-        if limit > choice.include.sum():  # else no prompt token fits this step: no gate
-            # without forced requests the gate's own baseline is this very choice
-            base = None if (skipped >= self.max_skips).any() else choice.on_track
-            prefilling = self._gate_prompts(prefilling, slo, slack, remaining, base)
-        kept = []
-        for r, keep in zip(decode, choice.include.tolist(), strict=True):
-            if keep:
-                r.skipped = 0
-                kept.append(r)
-            else:
-                r.skipped += 1
-        self._select_seconds += time.perf_counter() - t0
-        return kept, prefilling, limit
-
-    def _gate_prompts(
-        self,
-        prefilling: list[RequestState],
-        slo: np.ndarray,
-        slack: np.ndarray,
-        remaining: np.ndarray,
-        base_on_track: int | None = None,
-    ) -> list[RequestState]:
-        """The prompts that may be prefilled now (pacing.py `gate_prompts`), given the decoding
-        requests' TPOT SLOs, slack and remaining tokens (and, when known, how many of them the
-        pacing choice keeps on track without forced requests); prompts of requests with a TTFT
-        SLO always may."""
-        gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
-        if not gated:
-            return prefilling
-        ok = gate_prompts(
-            slack,
-            slo,
-            remaining,
-            self._step_times().seconds(),
-            tpot_slo_s(gated),
-            np.array([r.request.max_tokens for r in gated], np.int64),
-            base_on_track=base_on_track,
-        )
-        let_in = {id(r) for r, keep in zip(gated, ok.tolist(), strict=True) if keep}
-        return [r for r in prefilling if r.request.ttft_slo_ms is not None or id(r) in let_in]
-
-    def _step_times(self) -> StepTimes:
-        if self._times is None:
-            padded = bool(getattr(self.engine, "pads_to_buckets", True))
-            self._times = StepTimes(self.profile, self.token_budget, padded=padded)
-        return self._times
-
-    def _slack(self, decode: list[RequestState]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(TPOT SLO s, slack s, tokens remaining) of the decoding requests (pacing.py); once
-        per iteration (the exploration check and pacing both ask, for the same requests)."""
-        memo = self._slack_memo
-        if memo is not None and memo[0] == self.iterations and memo[1] is decode:
-            return memo[2]
-        roster = self._roster_of(decode)
-        out_len = np.array([len(r.output) for r in decode], np.int64)
-        slo = roster.tpot_slo_s
-        slack = np.maximum(out_len - 1, 0) * slo - roster.elapsed(self.clock())
-        out = slo, slack, roster.max_tokens - out_len
-        self._slack_memo = (self.iterations, decode, out)
-        return out
-
-    def _exploration_affordable(self, decode: list[RequestState]) -> bool:
-        """With SLO pacing: a speculative exploration waits until every request that can still
-        attain its SLO has the slack to absorb it. It is priced at its most: every request's
-        whole candidate chain verified (1 + depth tokens each), the draft's catch-up step over
-        its backlog and its depth expansion steps. (Priced at 2 tokens a request it cost a
-        lone 1.2x request its SLO: a 15.7 ms exploration among 4.3 ms steps.)"""
-        if not self._pacing_applies() or self.policy.shape is None:
-            return True
-        slo, slack, remaining = self._slack(decode)
-        cap = step_caps(slack, slo, remaining)
-        step_s = self._step_times().seconds()
-        n, depth = len(decode), self.policy.shape.depth
-        est = float(step_s[min(n * (1 + depth), self.token_budget)])
-        if self.profile.draft is not None:
-            lag = self._draft_lag(decode)
-            draft = self.profile.draft.latency_ms
-            est += (draft(max(lag, n)) + (depth - 1) * draft(n)) / 1e3
-        live = cap >= step_s[1]
-        return bool(np.all(cap[live] >= est))
-
     def _skip_drafting(self, decode: list[RequestState]) -> bool:
         """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
@@ -507,261 +395,6 @@ class Scheduler:
         if self._roster is None or not self._roster.matches(decode):
             self._roster = Roster.build(decode)
         return self._roster
-
-    def _catch_up_chains(self, decode: list[RequestState], roster: Roster):
-        """The draft's catch-up segments: for every decoding request the tokens its draft
-        cache lacks, up to and including the pending token (the next tree's root).
-
-        Returns (segments, flat tokens i32, chain lengths, chain ends, cached list, output
-        lengths list)."""
-        cached_l = [r.cached for r in decode]
-        behind_l = [r.draft_cached for r in decode]
-        out_len_l = []
-        catch_up: list[int] = []
-        for r, p, a, c in zip(decode, roster.prompt_len, behind_l, cached_l, strict=True):
-            out = r.output
-            out_len_l.append(len(out))
-            catch_up += out[a - p : c + 1 - p] if a >= p else r.tokens_between(a, c + 1)
-        lens = np.array(cached_l, np.int64) + 1 - np.array(behind_l, np.int64)
-        ends = lens.cumsum()
-        if len(catch_up) != ends[-1]:
-            raise RuntimeError("draft catch-up chains do not match the requests' KV rows")
-        chains = np.array(catch_up, np.int32)
-        draft_segs = segments(roster.slots, behind_l, chains, None, ends)
-        return draft_segs, chains, lens, ends, cached_l, out_len_l
-
-    def _speculate(
-        self,
-        decode: list[RequestState],
-        prefill: list[tuple[RequestState, int]],
-        prefill_segs: list[Segment],
-    ) -> tuple[SegmentBatch, int]:
-        """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments.
-
-        Every request at once: its state is read into arrays once, the catch-up chains and
-        the verified subtrees are built as flat arrays, and each segment gets a slice of them.
-        Returns the verify segments (in `decode` order) and their total tokens."""
-        shape = self.policy.shape
-        n = len(decode)
-        roster = self._roster_of(decode)
-        slots_l, slots = roster.slots_l, roster.slots
-        draft_segs, chains, lens, ends, cached_l, out_len_l = self._catch_up_chains(decode, roster)
-        cached = np.array(cached_l, np.int64)
-        vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
-        s = self.engine.num_slots
-        root_vals = np.zeros((s, vals.shape[1]), np.float32)
-        root_toks = np.zeros((s, vals.shape[1]), np.int32)
-        root_pos = np.full(s, -1, np.int32)  # -1: slot not decoding
-        last = np.asarray(offsets[:n]) + lens - 1
-        root_vals[slots], root_toks[slots] = vals[last], idx[last]
-        root_pos[slots] = cached
-        for r, k in prefill:
-            r.draft_cached = r.cached + k
-        trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
-        out_len = np.array(out_len_l, np.int64)
-        adaserve = self.policy.kind is PolicyKind.ADASERVE
-        if adaserve:
-            nodes, counts = self._adaserve_select(decode, trees, roster, out_len)
-        else:
-            # a fixed tree per request, trimmed evenly when they do not all fit the step
-            share = max(1, (self.token_budget - self._prefill_tokens) // n)
-            picks = [fixed_selection(trees, row, shape)[:share] for row in slots_l]
-            nodes = np.concatenate(picks)
-            counts = np.fromiter((len(x) for x in picks), np.int64, n)
-        # never verify past the slot's rows or past the tokens the request still wants;
-        # selections are sorted by node index, so a prefix is still a connected tree
-        limit = np.minimum(self.engine.max_len - cached, roster.max_tokens - out_len)
-        owner, local, starts = ragged_index(counts)
-        if (counts > limit).any():
-            limit = np.maximum(limit, 1)
-            keep = local < limit[owner]
-            nodes, counts = nodes[keep], np.minimum(counts, limit)
-            owner, local, starts = ragged_index(counts)
-        # every request's selected subtree at once: gather, renumber parents, then slice
-        row_of = slots[owner]
-        nodes = nodes.astype(np.int64)
-        pos = np.full(trees.parents.shape, -1, np.int64)
-        pos[row_of, nodes] = local
-        parents = pos[row_of, np.maximum(trees.parents[row_of, nodes], 0)].astype(np.int32)
-        tokens = trees.tokens[row_of, nodes].astype(np.int32)
-        parents[starts] = -1  # node 0 of every selection is its root,
-        tokens[starts] = chains[ends - 1]  # holding the pending token (its chain's last)
-        self._verify = (counts, owner, local, tokens, parents, cached_l, slots)
-        self._verify_stats = None
-        if adaserve:  # what the calibrator needs to learn from the verification
-            self._verify_stats = (
-                trees.log_f[row_of, nodes],
-                trees.depth[row_of, nodes],
-                self._rank[nodes] if self._rank.ndim == 1 else self._rank[owner, nodes],
-            )
-        self._verify_in_cache = None
-        if trees.in_cache is not None and self.reuse_draft_kv:
-            self._verify_in_cache = trees.in_cache[row_of, nodes]
-        drafted = trees.tokens.shape[1] - 1
-        for r, c, k in zip(decode, cached_l, counts.tolist(), strict=True):
-            r.draft_cached = c + 1
-            st = r.stats
-            st.drafted += drafted
-            st.selected += k - 1
-        verify = segments(slots, cached_l, tokens, parents, starts + counts, roster.sampling)
-        return verify, int(tokens.size)
-
-    def _adaserve_select(
-        self,
-        decode: list[RequestState],
-        trees: DraftTrees,
-        roster: Roster,
-        out_len: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Budget from the latency profile (budget.py), then the two-phase selector.
-
-        roster: the requests' fixed fields; out_len: their output so far. Returns the selected
-        node indices, flat and sorted by (request, node), and the count per request."""
-        t0 = time.perf_counter()
-        shape = self.policy.shape
-        n = len(decode)
-        now = self.clock()
-        slos = roster.tpot_slo_s
-        avail = max(self.token_budget - self._prefill_tokens, n)
-        budget, t_iter = avail, 0.0
-        depth = int(trees.depth.max())  # this iteration's tree depth
-        rows = roster.slots
-        parents = trees.parents[rows]
-        # sibling ranks and depths, for the calibrator now and after verify: per column ([N])
-        # when the trees come in the engines' layout, else per node ([n, N])
-        if trees.rank is not None:
-            self._rank = trees.rank
-            depths = layout_depths(parents.shape[1], shape.width, shape.topk)
-        else:
-            self._rank, depths = sibling_rank(parents), trees.depth[rows]
-        # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
-        log_f = self.calibrator.apply(parents, trees.log_f[rows], depths, self._rank)
-        if self.profile is not None:
-            draft_ms = 0.0
-            if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
-                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
-            draft_ms += max(self._spec_overrun_ms, 0.0)
-            choice = choose_budget_from_trees(
-                self.profile,
-                log_f,
-                slos,
-                max_budget=avail,
-                draft_ms=draft_ms,
-                prefill_tokens=self._prefill_tokens,
-            )
-            budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
-            # with pacing: what a speculative iteration really took beyond this estimate
-            self._spec_predicted_s = t_iter if budget > n and self._pacing_applies() else None
-            roots_only = budget <= n or choice.expected_accepted <= n * 1.25
-            if roots_only and self._draft_off:  # an exploration confirmed the choice: back off
-                self._explore_gap = min(2 * self._explore_gap, self.explore_max)
-            elif not roots_only:
-                self._explore_gap = self.explore_every
-            self._draft_off, self._draft_off_iters = roots_only, 0
-        nodes, counts = select_nodes(
-            SelectionInput.trusted(
-                parents=parents,
-                log_f=log_f,
-                decoded=np.maximum(out_len - 1, 0),
-                elapsed_s=roster.elapsed(now),
-                tpot_slo_s=slos,
-                budget=int(budget),
-                t_iter_s=float(t_iter),
-                max_depth=depth,
-                remaining=roster.max_tokens - out_len,
-                # per-request cap: `node_share` fair shares of the budget, so the SLO phase cannot
-                # hand a far-behind request its whole tree of low-f nodes (SIMULATION.md)
-                node_cap=max(2, math.ceil(self.node_share * budget / n)),
-            )
-        )
-        self._select_seconds += time.perf_counter() - t0
-        return nodes, counts
-
-    def _commit_trees(
-        self,
-        decode: list[RequestState],
-        segs: SegmentBatch,
-        sampled: np.ndarray,
-        offsets: tuple[int, ...],
-        now: float,
-    ) -> int:
-        """Acceptance walk for every verified tree at once (flat over all trees, engine/tree.py
-        `accept_nodes`); queue KV compaction; feed the calibrator; emit tokens. Returns the
-        drafted tokens accepted."""
-        n_req = len(decode)
-        # the flat arrays `_speculate` cut `segs` from
-        lens, row_of, col, tokens, parents, cached_l, slots = self._verify
-        self._verify = None
-        nodes = np.arange(col.size)
-        root = nodes - col  # flat index of each node's root
-        up = root + np.maximum(parents, 0)  # flat index of the parent (a root: itself)
-        target = sampled[np.repeat(np.asarray(offsets[:n_req]), lens) + col]
-        match = tokens == target[up]
-        match[parents < 0] = True
-        acc = accept_nodes(up, match)
-        if self._verify_stats is not None:
-            self._observe_trees(acc, up, parents, *self._verify_stats)
-        in_cache = self._verify_in_cache  # node's K/V already in the draft cache
-        self._verify_stats = self._verify_in_cache = None
-        # the accepted paths: flat nodes, increasing along each path, and their positions
-        on_path = np.flatnonzero(acc & (parents >= 0))
-        path_rows, path_cols = row_of[on_path], col[on_path]
-        path_len = np.bincount(path_rows, minlength=n_req)
-        _, step, _ = ragged_index(path_len)
-        step += 1  # 1-based position along the path: the KV row (past the root) it commits to
-        moved = path_cols != step
-        if moved.any():  # compact: accepted nodes move to consecutive rows after the root
-            who = path_rows[moved]
-            base = np.asarray(cached_l, np.int64)[who]
-            self._moves += moves(
-                slots[who].tolist(),
-                (base + path_cols[moved]).tolist(),
-                (base + step[moved]).tolist(),
-            )
-        run_l = None
-        if in_cache is not None:
-            # the draft holds the K/V of the accepted path's leading in-cache nodes at their
-            # committed rows already: its next catch-up starts after them
-            along = np.zeros((n_req, int(step.max(initial=0)) + 1), bool)
-            along[path_rows, step - 1] = in_cache[on_path]
-            run_l = np.logical_and.accumulate(along, axis=1).sum(axis=1).tolist()
-        # emitted per request: its path's tokens, then the bonus token (the target's token at
-        # the path's last node)
-        ends = (path_len + 1).cumsum()
-        last = np.cumsum(lens) - lens  # each tree's root, or its path's last node:
-        has_path = path_len > 0
-        last[has_path] = on_path[path_len.cumsum()[has_path] - 1]
-        emitted = np.empty(int(ends[-1]), np.int64)
-        emitted[np.repeat(ends - path_len - 1, path_len) + step - 1] = tokens[on_path]
-        emitted[ends - 1] = target[last]
-        path_len_l = path_len.tolist()
-        for i, r in enumerate(decode):
-            k = path_len_l[i]
-            r.cached += 1 + k
-            if run_l is not None and r.draft_cached == cached_l[i] + 1:
-                r.draft_cached += run_l[i]
-            st = r.stats
-            st.steps += 1
-            st.accepted += k
-        self._emit_chunks(decode, emitted.tolist(), ends.tolist(), now)
-        return int(on_path.size)
-
-    def _observe_trees(
-        self,
-        acc: np.ndarray,
-        up: np.ndarray,
-        parents: np.ndarray,
-        log_f: np.ndarray,
-        depth: np.ndarray,
-        rank: np.ndarray,
-    ) -> None:
-        """AdaServe: every verified edge out of an accepted node, with the raw log f, depth and
-        sibling rank the selection saw, to the acceptance calibrator (one batch). All arrays
-        are flat over this step's trees in (tree, node) order: acc (the walk's result), up
-        (each node's parent, flat), parents (its local parent, -1 for a root)."""
-        live = (np.asarray(parents) >= 0) & acc[up]  # every non-root child of an accepted node
-        log_f = np.asarray(log_f, np.float64)
-        self.calibrator.observe_edges((log_f - log_f[up])[live], depth[live], rank[live], acc[live])
 
     # ---- internals -------------------------------------------------------------------
     def _admit(self) -> None:
