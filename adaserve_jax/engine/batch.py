@@ -161,6 +161,22 @@ class SegmentBatch(Sequence[Segment]):
         self._starts: np.ndarray | None = None
 
     @classmethod
+    def trusted(cls, slots, ctx_lens, lens, tokens, parents, sampling=None) -> SegmentBatch:
+        """A batch built without the constructor's checks, for a caller whose arrays are
+        consistent by construction (the scheduler, every iteration): i64 slots and lens, i32
+        tokens and parents of `sum(lens)` entries, one ctx_len and sampling per segment.
+        tests/scheduler/test_host_path.py checks it equals the checked construction."""
+        self = object.__new__(cls)
+        self.slots = np.asarray(slots, np.int64)
+        self.ctx_lens = np.asarray(ctx_lens, np.int64)
+        self.lens = lens
+        self.tokens = tokens
+        self.parents = parents
+        self.sampling = (GREEDY,) * len(lens) if sampling is None else tuple(sampling)
+        self._starts = None
+        return self
+
+    @classmethod
     def of(cls, segments: Sequence[Segment]) -> SegmentBatch:
         """`segments` itself if it is a batch, else its segments copied into one."""
         if isinstance(segments, SegmentBatch):

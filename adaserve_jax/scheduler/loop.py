@@ -46,7 +46,7 @@ from adaserve_jax.scheduler.policy import (
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.roster import Roster
-from adaserve_jax.scheduler.segments import segments
+from adaserve_jax.scheduler.segments import roots
 from adaserve_jax.scheduler.speculative_steps import SpeculativeSteps
 
 TokenCallback = Callable[[RequestState, list[int]], None]
@@ -382,14 +382,10 @@ class Scheduler(PacedSteps, SpeculativeSteps):
     def _root_segments(self, decode: list[RequestState]) -> SegmentBatch:
         """One token per decoding request (its pending token): plain decoding."""
         roster = self._roster_of(decode)
-        return segments(
-            roster.slots,
-            [r.cached for r in decode],
-            np.array([r.output[-1] for r in decode], np.int32),
-            None,
-            np.arange(1, len(decode) + 1),
-            roster.sampling,
-        )
+        lens, parents = roots(len(decode))
+        tokens = np.array([r.output[-1] for r in decode], np.int32)
+        cached = [r.cached for r in decode]
+        return SegmentBatch.trusted(roster.slots, cached, lens, tokens, parents, roster.sampling)
 
     def _roster_of(self, decode: list[RequestState]) -> Roster:
         if self._roster is None or not self._roster.matches(decode):

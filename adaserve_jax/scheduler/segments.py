@@ -16,6 +16,7 @@ ordinary constructor runs), and the objects are the same either way
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,10 +54,30 @@ def segments(
     ends = np.asarray(ends, np.int64)
     lens = ends.copy()
     lens[1:] -= ends[:-1]
-    if parents is None:
-        parents = np.arange(ends[-1] if len(ends) else 0, dtype=np.int32) - 1
+    total = int(ends[-1]) if ends.size else 0
+    tokens = np.asarray(tokens, np.int32)
+    if parents is None and total == ends.size:  # one token each (plain decoding): all roots
+        lens, parents = roots(total)
+    elif parents is None:
+        parents = np.arange(total, dtype=np.int32) - 1
         parents -= np.repeat(ends - lens, lens).astype(np.int32)  # node j's parent: j - 1
-    return SegmentBatch(slots, ctx_lens, lens, tokens, parents, sampling)
+    else:
+        parents = np.asarray(parents, np.int32)
+    if tokens.shape != (total,) or parents.shape != (total,) or len(ctx_lens) != ends.size:
+        raise ValueError(
+            f"{ends.size} segments ending at {total} need as many tokens and parents "
+            f"({tokens.shape}, {parents.shape}) and ctx_lens ({len(ctx_lens)})"
+        )
+    return SegmentBatch.trusted(slots, ctx_lens, lens, tokens, parents, sampling)
+
+
+@functools.lru_cache(maxsize=64)
+def roots(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only (lens i64[n] of ones, parents i32[n] of -1): n one-token segments, as plain
+    decoding sends them every iteration (cached: the same few sizes repeat)."""
+    lens, parents = np.ones(n, np.int64), np.full(n, -1, np.int32)
+    lens.flags.writeable = parents.flags.writeable = False
+    return lens, parents
 
 
 def moves(slots: Sequence[int], src: Sequence[int], dst: Sequence[int]) -> list[Move]:

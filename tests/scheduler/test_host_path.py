@@ -71,6 +71,9 @@ def test_segment_batch_is_the_sequence_of_its_segments():
         assert isinstance(joined, SegmentBatch)
         assert [_fields(s) for s in joined] == [_fields(s) for s in segs]
     assert SegmentBatch.of(b) is b and len(SegmentBatch.of([])) == 0
+    fast = SegmentBatch.trusted(b.slots, b.ctx_lens.tolist(), b.lens, b.tokens, b.parents,
+                                b.sampling)  # fmt: skip
+    assert [_fields(s) for s in fast] == [_fields(s) for s in segs]
     validate_segments(b, vocab_size=32, num_slots=8, max_len=64)
     with pytest.raises(ValueError, match="token ids must be in"):
         validate_segments(b + [Segment.chain(3, 0, [40])], vocab_size=32, num_slots=8, max_len=64)
