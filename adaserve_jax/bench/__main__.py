@@ -163,6 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from adaserve_jax.bench.replay import build_requests, measure_baseline_tpot_ms, run_sweep
 
+    def requests_for(b: float) -> list:  # the trace's requests, SLOs scaled by baseline b
+        return build_requests(
+            engine,
+            entries,
+            max_output_len=args.max_output_len,
+            max_prompt_len=args.max_prompt_len,
+            baseline_tpot_ms=b,
+        )
+
     baseline = engine.baseline_tpot_ms
     try:
         if args.baseline in ("measured", "per-run"):
@@ -175,13 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(profile: {engine.baseline_tpot_ms:.2f} ms)",
                 flush=True,
             )
-        requests = build_requests(
-            engine,
-            entries,
-            max_output_len=args.max_output_len,
-            max_prompt_len=args.max_prompt_len,
-            baseline_tpot_ms=baseline,
-        )
+        requests = requests_for(baseline)
     except ValueError as exc:
         raise SystemExit(f"error: {args.workload}: {exc}") from None
     scales = args.time_scales or [args.time_scale]
@@ -210,15 +213,6 @@ def main(argv: list[str] | None = None) -> dict:
             b = measure_baseline_tpot_ms(engine, probe)
             print(f"baseline TPOT {b:.2f} ms", flush=True)
             return b
-
-        def requests_for(b: float) -> list:
-            return build_requests(
-                engine,
-                entries,
-                max_output_len=args.max_output_len,
-                max_prompt_len=args.max_prompt_len,
-                baseline_tpot_ms=b,
-            )
 
         per_run = {"rebaseline": rebaseline, "requests_for": requests_for}
     sweep = run_sweep(

@@ -146,9 +146,7 @@ class AcceptanceCalibrator:
         return np.minimum(np.maximum(idx, 0), self.bins - 1)
 
     def _cell(self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
-        d = np.minimum(np.asarray(depth, np.int64), self.depths) - 1
-        k = np.minimum(np.asarray(rank, np.int64), self.ranks - 1)
-        return (k * self.depths + d) * self.bins + self._bin(log_q)
+        return self._cell_base(depth, rank) + self._bin(log_q)
 
     def observe(
         self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray, accepted: np.ndarray
