@@ -355,7 +355,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
     def _draft_lag(decode: list[RequestState]) -> int:
         """Tokens the draft cache lacks, up to and including each request's pending token: the
         length of the draft's catch-up chains."""
-        return sum([r.cached + 1 for r in decode]) - sum([r.draft_cached for r in decode])
+        return sum([r.cached - r.draft_cached for r in decode]) + len(decode)
 
     @staticmethod
     def _ttft_prompt_tokens(prefilling: list[RequestState]) -> int:

@@ -31,7 +31,8 @@ class Roster:
 
     slots: KV slot (list and i64 array); sampling: SamplingParams; prompt_len: prompt tokens;
     max_tokens: i64; tpot_slo_s: f64 TPOT target in seconds (NO_SLO_MS when none);
-    first_token: f64 first-token time, 0.0 where unset or 0.0 (see `elapsed`).
+    first_token: f64 first-token time, 0.0 where unset or 0.0 (see `elapsed`);
+    has_stop: bool, the request has stop strings.
     """
 
     reqs: list[RequestState]
@@ -43,6 +44,7 @@ class Roster:
     tpot_slo_s: np.ndarray
     first_token: np.ndarray
     has_first: np.ndarray
+    has_stop: np.ndarray
 
     @classmethod
     def build(cls, reqs: Sequence[RequestState]) -> Roster:
@@ -58,6 +60,7 @@ class Roster:
             tpot_slo_s=tpot_slo_s(reqs),
             first_token=np.array([t or 0.0 for t in first], np.float64),
             has_first=np.array([bool(t) for t in first], bool),
+            has_stop=np.array([bool(r.request.stop) for r in reqs], bool),
         )
 
     def matches(self, reqs: list[RequestState]) -> bool:

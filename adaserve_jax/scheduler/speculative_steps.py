@@ -35,12 +35,12 @@ class SpeculativeSteps:
 
         Returns (segments, flat tokens i32, chain lengths, chain ends, cached list, output
         lengths list)."""
-        cached_l = [r.cached for r in decode]
-        behind_l = [r.draft_cached for r in decode]
-        out_len_l = []
+        cached_l, behind_l, out_len_l = [], [], []
         catch_up: list[int] = []
-        for r, p, a, c in zip(decode, roster.prompt_len, behind_l, cached_l, strict=True):
-            out = r.output
+        for r, p in zip(decode, roster.prompt_len, strict=True):
+            out, a, c = r.output, r.draft_cached, r.cached
+            cached_l.append(c)
+            behind_l.append(a)
             out_len_l.append(len(out))
             catch_up += out[a - p : c + 1 - p] if a >= p else r.tokens_between(a, c + 1)
         lens = np.array(cached_l, np.int64) + 1 - np.array(behind_l, np.int64)
@@ -107,7 +107,8 @@ class SpeculativeSteps:
         tokens = trees.tokens[row_of, nodes].astype(np.int32)
         parents[starts] = -1  # node 0 of every selection is its root,
         tokens[starts] = chains[ends - 1]  # holding the pending token (its chain's last)
-        self._verify = (counts, owner, local, tokens, parents, cached_l, slots)
+        drafted = trees.tokens.shape[1] - 1  # per request: the draft's stats count its tree
+        self._verify = (counts, owner, local, tokens, parents, cached_l, roster, out_len, drafted)
         self._verify_stats = None
         if adaserve:  # what the calibrator needs to learn from the verification
             self._verify_stats = (
@@ -118,12 +119,6 @@ class SpeculativeSteps:
         self._verify_in_cache = None
         if trees.in_cache is not None and self.reuse_draft_kv:
             self._verify_in_cache = trees.in_cache[row_of, nodes]
-        drafted = trees.tokens.shape[1] - 1
-        for r, c, k in zip(decode, cached_l, counts.tolist(), strict=True):
-            r.draft_cached = c + 1
-            st = r.stats
-            st.drafted += drafted
-            st.selected += k - 1
         verify = segments(slots, cached_l, tokens, parents, starts + counts, roster.sampling)
         return verify, int(tokens.size)
 
@@ -211,8 +206,9 @@ class SpeculativeSteps:
         drafted tokens accepted."""
         n_req = len(decode)
         # the flat arrays `_speculate` cut `segs` from
-        lens, row_of, col, tokens, parents, cached_l, slots = self._verify
+        lens, row_of, col, tokens, parents, cached_l, roster, out_len, drafted = self._verify
         self._verify = None
+        slots = roster.slots
         nodes = np.arange(col.size)
         root = nodes - col  # flat index of each node's root
         up = root + np.maximum(parents, 0)  # flat index of the parent (a root: itself)
@@ -239,13 +235,14 @@ class SpeculativeSteps:
                 (base + path_cols[moved]).tolist(),
                 (base + step[moved]).tolist(),
             )
-        run_l = None
+        # the draft's next catch-up starts after the pending token and, when its K/V came
+        # from the draft tree, after the accepted path's leading in-cache nodes (already at
+        # their committed rows)
+        run_l = [1] * n_req
         if in_cache is not None:
-            # the draft holds the K/V of the accepted path's leading in-cache nodes at their
-            # committed rows already: its next catch-up starts after them
             along = np.zeros((n_req, int(step.max(initial=0)) + 1), bool)
             along[path_rows, step - 1] = in_cache[on_path]
-            run_l = np.logical_and.accumulate(along, axis=1).sum(axis=1).tolist()
+            run_l = (np.logical_and.accumulate(along, axis=1).sum(axis=1) + 1).tolist()
         # emitted per request: its path's tokens, then the bonus token (the target's token at
         # the path's last node)
         ends = (path_len + 1).cumsum()
@@ -255,17 +252,72 @@ class SpeculativeSteps:
         emitted = np.empty(int(ends[-1]), np.int64)
         emitted[np.repeat(ends - path_len - 1, path_len) + step - 1] = tokens[on_path]
         emitted[ends - 1] = target[last]
-        path_len_l = path_len.tolist()
-        for i, r in enumerate(decode):
-            k = path_len_l[i]
+        plain = self._plain_chunks(roster, out_len, path_len + 1, emitted, ends)
+        self._commit_requests(
+            decode, path_len.tolist(), lens.tolist(), cached_l, run_l, drafted,
+            emitted.tolist(), ends.tolist(), plain, now,
+        )  # fmt: skip
+        return int(on_path.size)
+
+    def _plain_chunks(
+        self,
+        roster: Roster,
+        out_len: np.ndarray,
+        chunk_len: np.ndarray,
+        emitted: np.ndarray,
+        ends: np.ndarray,
+    ) -> list[bool]:
+        """Per request: True when no finish rule can fire in its chunk of `emitted` (no EOS,
+        the output stays below max_tokens, no stop strings to look for), so the chunk is
+        appended whole; False sends it through `_emit_chunks`' rules."""
+        plain = out_len + chunk_len < roster.max_tokens
+        if self.eos_id is not None:
+            hits = np.flatnonzero(emitted == self.eos_id)
+            if hits.size:
+                plain[np.searchsorted(ends, hits, side="right")] = False
+        if self.decode_text is not None:
+            plain &= ~roster.has_stop
+        return plain.tolist()
+
+    def _commit_requests(
+        self,
+        decode: list[RequestState],
+        path_len: list[int],
+        counts: list[int],
+        cached: list[int],
+        draft_run: list[int],
+        drafted: int,
+        emitted: list[int],
+        ends: list[int],
+        plain: list[bool],
+        now: float,
+    ) -> None:
+        """One pass over the verified requests (in order): KV rows committed (the root and
+        the accepted path), the draft's rows, the counters, and the emitted tokens (a plain
+        chunk appended whole and streamed; the others through `_emit_chunks`)."""
+        on_tokens = self.on_tokens
+        a = 0
+        for r, k, m, c, run, b, easy in zip(
+            decode, path_len, counts, cached, draft_run, ends, plain, strict=True
+        ):
             r.cached += 1 + k
-            if run_l is not None and r.draft_cached == cached_l[i] + 1:
-                r.draft_cached += run_l[i]
+            r.draft_cached = c + run
             st = r.stats
             st.steps += 1
             st.accepted += k
-        self._emit_chunks(decode, emitted.tolist(), ends.tolist(), now)
-        return int(on_path.size)
+            st.drafted += drafted
+            st.selected += m - 1
+            chunk = emitted[a:b]
+            a = b
+            if not easy:
+                self._emit_chunks([r], chunk, (len(chunk),), now)
+                continue
+            r.output += chunk
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.last_token_time = now
+            if on_tokens is not None:
+                on_tokens(r, chunk)
 
     def _observe_trees(
         self,
