@@ -242,10 +242,10 @@ def choose_budget_from_trees(
     phase then moves tokens to the requests that need them. Candidates are profile buckets in
     [n, max_budget]; B = n is "roots only".
     """
-    f = np.exp(np.asarray(log_f, dtype=np.float64))
-    if f.ndim != 2 or f.shape[0] < 1:
-        raise ValueError(f"log_f.shape={f.shape} must be [n >= 1, N]")
-    n = f.shape[0]
+    log_f = np.asarray(log_f)
+    if log_f.ndim != 2 or log_f.shape[0] < 1:
+        raise ValueError(f"log_f.shape={log_f.shape} must be [n >= 1, N]")
+    n = log_f.shape[0]
     slos = np.asarray(tpot_slos_s, dtype=np.float64)
     if slos.shape != (n,) or not (slos.min() > 0 and slos.max() < np.inf):  # NaN fails too
         raise ValueError(f"tpot_slos_s must be {n} finite values > 0")
@@ -253,15 +253,41 @@ def choose_budget_from_trees(
         raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an int >= 0")
     if prefill_tokens < 0:
         raise ValueError(f"prefill_tokens={prefill_tokens} must be >= 0")
-    cum = np.sort(f, axis=None)[::-1].cumsum()  # E_tot of the B largest f, for every B
-    cands, t_iter = _candidates(profile, n, int(max_budget), int(prefill_tokens), float(draft_ms))
+    return choose_budget_trusted(
+        profile,
+        log_f,
+        float(slos.min()),
+        max_budget=int(max_budget),
+        draft_ms=float(draft_ms),
+        prefill_tokens=int(prefill_tokens),
+        slo_margin=slo_margin,
+    )
+
+
+def choose_budget_trusted(
+    profile: LatencyProfile,
+    log_f: np.ndarray,
+    tightest_slo_s: float,
+    *,
+    max_budget: int,
+    draft_ms: float,
+    prefill_tokens: int,
+    slo_margin: float = 1.0,
+) -> BudgetChoice:
+    """`choose_budget_from_trees` without its input checks, for the scheduler's hot path:
+    log_f float[n >= 1, N] (valid by construction), the tightest request's TPOT SLO in seconds
+    (> 0), plain ints and floats. Same result (tests/scheduler/test_budget.py)."""
+    n = log_f.shape[0]
+    # E_tot of the B largest f, for every B: exp is increasing, so sort log f, then exponentiate
+    cum = np.exp(np.sort(log_f, axis=None)[::-1].astype(np.float64)).cumsum()
+    cands, t_iter = _candidates(profile, n, max_budget, prefill_tokens, draft_ms)
     total = cum[np.minimum(cands, cum.size) - 1]  # [K]
     rate = total / np.maximum(t_iter, 1e-12)
-    fits = t_iter <= slo_margin * float(slos.min()) * total / n
-    k = int(np.lexsort((cands, -rate, ~fits))[0])  # feasible first, then rate, then small B
-    return BudgetChoice(
-        int(cands[k]), float(t_iter[k]), float(total[k]), float(rate[k]), bool(fits[k])
-    )
+    fits = t_iter <= slo_margin * tightest_slo_s * total / n
+    # feasible first, then the rate, then the smaller budget (candidates are ascending)
+    fits_l, rate_l = fits.tolist(), rate.tolist()
+    k = max(range(len(fits_l)), key=lambda i: (fits_l[i], rate_l[i], -i))
+    return BudgetChoice(int(cands[k]), float(t_iter[k]), float(total[k]), rate_l[k], fits_l[k])
 
 
 @functools.lru_cache(maxsize=256)

@@ -140,6 +140,7 @@ class AcceptanceCalibrator:
         self._slope = np.zeros(0)  # [ranks * depths * bins] table[i + 1] - table[i] in a row
         self._layout_key: tuple | None = None  # `_layout_runs`'s last layout
         self._pending: list[tuple[np.ndarray, ...]] = []
+        self._pending_trusted = True  # everything queued is trusted: flush skips the checks
 
     def _bin(self, log_q: np.ndarray) -> np.ndarray:
         idx = ((np.asarray(log_q, np.float64) - self.log_q_min) * self._scale).astype(np.int64)
@@ -171,6 +172,13 @@ class AcceptanceCalibrator:
             raise ValueError("depth must be >= 1 (the root has no conditional)")
         if rank.min() < 0:
             raise ValueError("rank must be >= 0")
+        self._count(log_q, depth, rank, accepted)
+
+    def _count(
+        self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray, accepted: np.ndarray
+    ) -> None:
+        """`observe` for flat arrays known to be valid (log q f64 <= 0, depth >= 1, rank >= 0,
+        accepted bool, equal shapes)."""
         size = self.verified.size
         # one count over (cell, accepted) pairs: the first half not accepted, the second accepted
         counts = np.bincount(self._cell(log_q, depth, rank) + size * accepted, minlength=2 * size)
@@ -208,17 +216,27 @@ class AcceptanceCalibrator:
         self._pending.append(
             (log_q, np.asarray(depth)[1:][live], np.asarray(rank)[1:][live], on_path[1:][live])
         )
+        self._pending_trusted = False
 
     def observe_edges(
-        self, log_q: np.ndarray, depth: np.ndarray, rank: np.ndarray, accepted: np.ndarray
+        self,
+        log_q: np.ndarray,
+        depth: np.ndarray,
+        rank: np.ndarray,
+        accepted: np.ndarray,
+        trusted: bool = False,
     ) -> None:
         """Queues verified edges out of accepted nodes directly (many trees at once): the child's
-        raw log q, depth, sibling rank and whether it was accepted. `flush` adds them."""
+        raw log q, depth, sibling rank and whether it was accepted. `flush` adds them.
+        trusted: the caller built them valid (flat, equal shapes, log q f64 <= 0, depth >= 1,
+        rank >= 0, accepted bool: the scheduler's own walk), so `flush` skips the checks
+        when everything queued is trusted."""
         if len(log_q):
             self._pending.append(
                 (np.asarray(log_q, np.float64), np.asarray(depth), np.asarray(rank),
                  np.asarray(accepted, bool))
             )  # fmt: skip
+            self._pending_trusted &= trusted
 
     def flush(self) -> None:
         """Adds the trees queued since the last flush as one `observe` call."""
@@ -229,7 +247,11 @@ class AcceptanceCalibrator:
         else:
             return
         self._pending = []
-        self.observe(q, d, k, hit)
+        if self._pending_trusted:
+            self._count(q, d, k, hit)
+        else:
+            self.observe(q, d, k, hit)
+        self._pending_trusted = True
 
     @property
     def observations(self) -> float:

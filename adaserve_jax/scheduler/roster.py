@@ -10,6 +10,7 @@ iterations, and each per-request read costs a pass over all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ class Roster:
     slots: KV slot (list and i64 array); sampling: SamplingParams; prompt_len: prompt tokens;
     max_tokens: i64; tpot_slo_s: f64 TPOT target in seconds (NO_SLO_MS when none);
     first_token: f64 first-token time, 0.0 where unset or 0.0 (see `elapsed`);
-    has_stop: bool, the request has stop strings.
+    has_stop: bool, the request has stop strings; tightest_slo_s: min of tpot_slo_s.
     """
 
     reqs: list[RequestState]
@@ -45,11 +46,13 @@ class Roster:
     first_token: np.ndarray
     has_first: np.ndarray
     has_stop: np.ndarray
+    tightest_slo_s: float
 
     @classmethod
     def build(cls, reqs: Sequence[RequestState]) -> Roster:
         slots_l = [r.slot for r in reqs]
         first = [r.first_token_time for r in reqs]
+        slos = tpot_slo_s(reqs)
         return cls(
             reqs=list(reqs),
             slots_l=slots_l,
@@ -57,10 +60,11 @@ class Roster:
             sampling=[r.request.sampling for r in reqs],
             prompt_len=[len(r.request.prompt_ids) for r in reqs],
             max_tokens=np.array([r.request.max_tokens for r in reqs], np.int64),
-            tpot_slo_s=tpot_slo_s(reqs),
+            tpot_slo_s=slos,
             first_token=np.array([t or 0.0 for t in first], np.float64),
             has_first=np.array([bool(t) for t in first], bool),
             has_stop=np.array([bool(r.request.stop) for r in reqs], bool),
+            tightest_slo_s=float(slos.min()) if len(reqs) else math.inf,
         )
 
     def matches(self, reqs: list[RequestState]) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from adaserve_jax.engine.batch import Segment, SegmentBatch, ragged_index
 from adaserve_jax.engine.tree import DraftTrees, accept_nodes, layout_depths
-from adaserve_jax.scheduler.budget import choose_budget_from_trees
+from adaserve_jax.scheduler.budget import choose_budget_trusted
 from adaserve_jax.scheduler.confidence import sibling_rank
 from adaserve_jax.scheduler.policy import PolicyKind, fixed_selection
 from adaserve_jax.scheduler.request import RequestState
@@ -140,16 +140,18 @@ class SpeculativeSteps:
         slos = roster.tpot_slo_s
         avail = max(self.token_budget - self._prefill_tokens, n)
         budget, t_iter = avail, 0.0
-        depth = int(trees.depth.max())  # this iteration's tree depth
         rows = roster.slots
         parents = trees.parents[rows]
         # sibling ranks and depths, for the calibrator now and after verify: per column ([N])
-        # when the trees come in the engines' layout, else per node ([n, N])
+        # when the trees come in the engines' layout, else per node ([n, N]); and this
+        # iteration's tree depth
         if trees.rank is not None:
             self._rank = trees.rank
             depths = layout_depths(parents.shape[1], shape.width, shape.topk)
+            depth = int(depths[-1])  # the layout's depths are non-decreasing
         else:
             self._rank, depths = sibling_rank(parents), trees.depth[rows]
+            depth = int(trees.depth.max())
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
         log_f = self.calibrator.apply(parents, trees.log_f[rows], depths, self._rank)
         if self.profile is not None:
@@ -157,10 +159,10 @@ class SpeculativeSteps:
             if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
                 draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
             draft_ms += max(self._spec_overrun_ms, 0.0)
-            choice = choose_budget_from_trees(
+            choice = choose_budget_trusted(
                 self.profile,
                 log_f,
-                slos,
+                roster.tightest_slo_s,
                 max_budget=avail,
                 draft_ms=draft_ms,
                 prefill_tokens=self._prefill_tokens,
@@ -334,4 +336,6 @@ class SpeculativeSteps:
         (each node's parent, flat), parents (its local parent, -1 for a root)."""
         live = (np.asarray(parents) >= 0) & acc[up]  # every non-root child of an accepted node
         log_f = np.asarray(log_f, np.float64)
-        self.calibrator.observe_edges((log_f - log_f[up])[live], depth[live], rank[live], acc[live])
+        self.calibrator.observe_edges(
+            (log_f - log_f[up])[live], depth[live], rank[live], acc[live], trusted=True
+        )

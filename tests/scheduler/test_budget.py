@@ -230,3 +230,33 @@ def test_budget_from_trees_prices_the_prefill_riding_in_the_step():
     assert busy.budget == 4 and busy.t_iter_s == pytest.approx(0.040)  # verify(4 + 4)
     with pytest.raises(ValueError, match="prefill_tokens"):
         choose_budget_from_trees(prof, log_f, [1.0, 1.0], max_budget=16, prefill_tokens=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 12),
+    st.floats(0.002, 0.2),
+    st.floats(0.0, 5.0),
+)
+def test_choice_is_feasible_first_then_rate_then_the_smaller_budget(seed, n, slo, draft_ms):
+    """The pick against a brute force over the candidates: feasible budgets first, then the
+    highest E_tot / t_iter, then the smallest budget (equal rates: a flat profile)."""
+    rng = np.random.default_rng(seed)
+    log_f = np.log(rng.random((n, 9)) ** 2 + 1e-9).astype(np.float32)
+    log_f[:, 0] = 0.0
+    log_f = np.minimum.accumulate(log_f, axis=1)  # non-increasing along each chain
+    # a flat profile up to 32: with fewer than 16 drafted nodes (n = 1), 16 and 32 tie
+    flat = {1: 5.0, 2: 5.0, 4: 5.0, 8: 5.0, 16: 5.0, 32: 5.0, 64: 20.0}
+    prof = LatencyProfile.from_tables(flat)
+    choice = choose_budget_from_trees(prof, log_f, [slo] * n, max_budget=64, draft_ms=draft_ms)
+    cum = np.cumsum(np.sort(np.exp(log_f.astype(np.float64)), axis=None)[::-1])
+    cands = [b for b in flat if n <= b <= 64] or [n]
+    rows = []
+    for b in cands:
+        t = (flat.get(b, 0.0) + (draft_ms if b > n else 0.0)) / 1e3
+        total = cum[min(b, cum.size) - 1]
+        rows.append((t <= slo * total / n, total / t, -b))
+    best = max(rows)
+    assert (choice.fits_slo, -choice.budget) == (best[0], best[2])
+    assert choice.tokens_per_s == pytest.approx(best[1], rel=1e-9)

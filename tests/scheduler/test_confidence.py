@@ -197,3 +197,22 @@ def test_isotonic_rows_is_pool_adjacent_violators_per_row(seed, rows, n):
     assert np.all(np.diff(got, axis=1) >= -1e-12)
     for r in range(rows):
         np.testing.assert_allclose(got[r], _pava(y[r].tolist(), w[r].tolist()), rtol=1e-12)
+
+
+def test_flush_checks_queued_edges_unless_all_are_trusted():
+    """The scheduler's own edges (trusted) are counted as they are; anything else queued still
+    goes through `observe`'s checks, and both count alike."""
+    rng = np.random.default_rng(0)
+    q = -rng.exponential(1.0, 50)
+    d, k, hit = rng.integers(1, 6, 50), rng.integers(0, 4, 50), rng.random(50) < 0.5
+    checked, trusted = AcceptanceCalibrator(), AcceptanceCalibrator()
+    checked.observe_edges(q, d, k, hit)
+    trusted.observe_edges(q, d, k, hit, trusted=True)
+    checked.flush(), trusted.flush()
+    assert np.array_equal(checked.verified, trusted.verified)
+    assert np.array_equal(checked.accepted, trusted.accepted)
+    # one untrusted batch among trusted ones: the flush checks them all
+    trusted.observe_edges(q, d, k, hit, trusted=True)
+    trusted.observe_edges(np.array([np.nan]), np.ones(1), np.zeros(1), np.zeros(1, bool))
+    with pytest.raises(ValueError, match="log_q"):
+        trusted.flush()

@@ -84,16 +84,29 @@ def test_cancel_frees_the_slot_and_waiting_request_takes_it():
     assert b.output == _expected(b.request)
 
 
-def test_eos_and_stop_strings():
-    eng = MockEngine(num_slots=2)
+@pytest.mark.parametrize("policy", ["autoregressive", "spec:3", "tree:3,2", "adaserve"])
+def test_eos_and_stop_strings(policy):
+    """Finish rules inside a verified chunk (speculation accepts several tokens at once): the
+    tokens past EOS, a stop string or max_tokens are dropped, and only kept tokens stream."""
+    eng = MockEngine(num_slots=3)
+    streamed = {}
     sched = Scheduler(
-        eng, token_budget=64, eos_id=113, decode_text=lambda ids: " ".join(map(str, ids))
+        eng,
+        policy=policy,
+        token_budget=64,
+        eos_id=113,
+        decode_text=lambda ids: " ".join(map(str, ids)),
+        profile=LatencyProfile.cpu_reference() if policy == "adaserve" else None,
+        on_tokens=lambda r, toks: streamed.setdefault(r.request.request_id, []).extend(toks),
     )
     a = sched.submit(_req(0, prompt_len=10, max_tokens=50))  # last prompt token 109 -> 110..113
     b = sched.submit(_req(5, prompt_len=3, max_tokens=50, stop=("110",)))  # 107 -> 108, 109, 110
+    c = sched.submit(_req(1, prompt_len=3, max_tokens=5))  # 103 -> 104..108, no rule but length
     sched.run_until_done()
     assert a.output == [110, 111, 112, 113] and a.finish_reason is FinishReason.EOS
     assert b.output == [108, 109, 110] and b.finish_reason is FinishReason.STOP
+    assert c.output == [104, 105, 106, 107, 108] and c.finish_reason is FinishReason.LENGTH
+    assert streamed == {"r0": a.output, "r5": b.output, "r1": c.output}
 
 
 def test_bad_requests_are_rejected_before_work():
