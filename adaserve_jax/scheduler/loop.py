@@ -47,7 +47,7 @@ from adaserve_jax.scheduler.policy import (
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.roster import Roster
 from adaserve_jax.scheduler.segments import roots
-from adaserve_jax.scheduler.speculative_steps import SpeculativeSteps
+from adaserve_jax.scheduler.speculative_steps import SpeculativeSteps, VerifyPlan
 
 TokenCallback = Callable[[RequestState, list[int]], None]
 
@@ -152,13 +152,8 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         self._spec_predicted_s: float | None = None
         self.max_skips = 4
         self.calibrator = AcceptanceCalibrator()
-        # what `_speculate` recorded of the nodes it sent to verify, flat over this step's
-        # trees in `decode` order, for `_commit_trees`: (raw log f, depth, sibling rank) for
-        # the calibrator (adaserve), and whether the draft cache holds each node's K/V
-        self._verify_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._verify_in_cache: np.ndarray | None = None
-        # the flat arrays `_speculate` cut this step's verify segments from, for `_commit_trees`
-        self._verify: tuple | None = None
+        # what `_speculate` sent to verify this step, for `_commit_trees` (speculative_steps.py)
+        self._verify: VerifyPlan | None = None
         self._roster: Roster | None = None  # the decoding requests' fixed fields, as arrays
         self._slack_memo: tuple | None = None  # (iteration, decode list, `_slack` of it)
         self._rank = np.zeros((0, 0), np.int32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,24 @@ from adaserve_jax.scheduler.request import RequestState
 from adaserve_jax.scheduler.roster import Roster
 from adaserve_jax.scheduler.segments import moves, segments
 from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
+
+
+class VerifyPlan(NamedTuple):
+    """What `_speculate` sent to verification this step, for `_commit_trees`: the flat arrays
+    the verify segments were cut from (nodes in `decode` order, tree by tree), the requests'
+    state it read, and what the acceptance walk feeds back."""
+
+    counts: np.ndarray  # i64[n] nodes per tree
+    owner: np.ndarray  # i64[K] each node's request
+    local: np.ndarray  # i64[K] each node's index in its tree (0 = root)
+    tokens: np.ndarray  # i32[K]
+    parents: np.ndarray  # i32[K] local parents, -1 for roots
+    cached: list[int]  # KV rows per request before the step
+    roster: Roster
+    out_len: np.ndarray  # i64[n] output tokens per request before the step
+    drafted: int  # nodes each request's draft tree held (its stats count them)
+    stats: tuple[np.ndarray, ...] | None  # adaserve: raw log f, depth, sibling rank per node
+    in_cache: np.ndarray | None  # bool[K]: the draft cache holds the node's K/V
 
 
 class SpeculativeSteps:
@@ -107,18 +126,20 @@ class SpeculativeSteps:
         tokens = trees.tokens[row_of, nodes].astype(np.int32)
         parents[starts] = -1  # node 0 of every selection is its root,
         tokens[starts] = chains[ends - 1]  # holding the pending token (its chain's last)
-        drafted = trees.tokens.shape[1] - 1  # per request: the draft's stats count its tree
-        self._verify = (counts, owner, local, tokens, parents, cached_l, roster, out_len, drafted)
-        self._verify_stats = None
+        stats = in_cache = None
         if adaserve:  # what the calibrator needs to learn from the verification
-            self._verify_stats = (
+            stats = (
                 trees.log_f[row_of, nodes],
                 trees.depth[row_of, nodes],
                 self._rank[nodes] if self._rank.ndim == 1 else self._rank[owner, nodes],
             )
-        self._verify_in_cache = None
         if trees.in_cache is not None and self.reuse_draft_kv:
-            self._verify_in_cache = trees.in_cache[row_of, nodes]
+            in_cache = trees.in_cache[row_of, nodes]
+        drafted = trees.tokens.shape[1] - 1
+        self._verify = VerifyPlan(
+            counts, owner, local, tokens, parents, cached_l, roster, out_len, drafted, stats,
+            in_cache,
+        )  # fmt: skip
         verify = segments(slots, cached_l, tokens, parents, starts + counts, roster.sampling)
         return verify, int(tokens.size)
 
@@ -207,9 +228,10 @@ class SpeculativeSteps:
         `accept_nodes`); queue KV compaction; feed the calibrator; emit tokens. Returns the
         drafted tokens accepted."""
         n_req = len(decode)
-        # the flat arrays `_speculate` cut `segs` from
-        lens, row_of, col, tokens, parents, cached_l, roster, out_len, drafted = self._verify
-        self._verify = None
+        plan, self._verify = self._verify, None
+        lens, row_of, col = plan.counts, plan.owner, plan.local  # per tree; per node (2)
+        tokens, parents = plan.tokens, plan.parents
+        cached_l, roster, out_len = plan.cached, plan.roster, plan.out_len
         slots = roster.slots
         nodes = np.arange(col.size)
         root = nodes - col  # flat index of each node's root
@@ -218,10 +240,9 @@ class SpeculativeSteps:
         match = tokens == target[up]
         match[parents < 0] = True
         acc = accept_nodes(up, match)
-        if self._verify_stats is not None:
-            self._observe_trees(acc, up, parents, *self._verify_stats)
-        in_cache = self._verify_in_cache  # node's K/V already in the draft cache
-        self._verify_stats = self._verify_in_cache = None
+        if plan.stats is not None:
+            self._observe_trees(acc, up, parents, *plan.stats)
+        in_cache = plan.in_cache  # node's K/V already in the draft cache
         # the accepted paths: flat nodes, increasing along each path, and their positions
         on_path = np.flatnonzero(acc & (parents >= 0))
         path_rows, path_cols = row_of[on_path], col[on_path]
@@ -256,7 +277,7 @@ class SpeculativeSteps:
         emitted[ends - 1] = target[last]
         plain = self._plain_chunks(roster, out_len, path_len + 1, emitted, ends)
         self._commit_requests(
-            decode, path_len.tolist(), lens.tolist(), cached_l, run_l, drafted,
+            decode, path_len.tolist(), lens.tolist(), cached_l, run_l, plan.drafted,
             emitted.tolist(), ends.tolist(), plain, now,
         )  # fmt: skip
         return int(on_path.size)
