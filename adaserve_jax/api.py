@@ -17,7 +17,7 @@ import numpy as np
 from adaserve_jax.engine.batch import Move, SamplingParams, Segment
 from adaserve_jax.engine.device import DEFAULT_TOKEN_BUCKETS, DeviceModel
 from adaserve_jax.engine.mesh import attach_mirror, make_mesh, validate_model
-from adaserve_jax.engine.profiler import Profile, load_or_measure
+from adaserve_jax.engine.profiler import CallPrices, Profile, load_or_measure
 from adaserve_jax.engine.speculation import DraftDevice
 from adaserve_jax.engine.tree import DraftTrees, TreeShape
 from adaserve_jax.model.loader import Model
@@ -138,9 +138,11 @@ class Engine:
         # the jitted call and reading its outputs back); the rest of an iteration is scheduler
         # Python, which the benchmarks report as host time per iteration
         self.device_seconds = 0.0
-        # optional observer of every target verify call: (padded token bucket, wall seconds);
-        # the benchmarks use it to measure how fast the machine ran against its profile
-        self.on_verify: Callable[[int, float], None] | None = None
+        # optional observer of every device call the start-up profile prices: (kind "verify",
+        # "draft" or "expand", the profile's price in seconds, wall seconds); the benchmarks
+        # use it to measure how fast the machine ran each kind of call against its profile
+        self.on_device_call: Callable[[str, float, float], None] | None = None
+        self._prices: CallPrices | None = None
         # Multi-host: process 0 drives every device call, the others replay it (engine/mesh.py).
         self.mirror = attach_mirror(self.target, self.draft)
         if self.mirror is not None and not self.mirror.primary:
@@ -160,6 +162,7 @@ class Engine:
             self.target, draft, expander=self.draft, reprofile=reprofile, progress=progress
         )
         self.latency_profile = LatencyProfile.from_tables(prof.verify_ms, prof.draft_ms)
+        self._prices = CallPrices(prof)
         self.baseline_tpot_ms = prof.baseline_tpot_ms
         self.profile_path = path
         return prof
@@ -188,21 +191,32 @@ class Engine:
         sampled, batch = self.target.run(segments, head="sample", moves=moves)
         dt = time.perf_counter() - t0
         self.device_seconds += dt
-        if self.on_verify is not None:
-            self.on_verify(batch.bucket, dt)
+        if self.on_device_call is not None and self._prices is not None:
+            self._observe("verify", self._prices.verify_s(batch.bucket), dt)
         return sampled, batch.offsets
 
     def draft_step(self, segments: list[Segment]):
         t0 = time.perf_counter()
         out = self.draft.step(segments)
-        self.device_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.device_seconds += dt
+        if self.on_device_call is not None and self._prices is not None:
+            self._observe("draft", self._prices.draft_s(len(out[1])), dt)
         return out
 
     def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
         t0 = time.perf_counter()
         trees = self.draft.expand(root_vals, root_toks, root_pos, shape)
-        self.device_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.device_seconds += dt
+        if self.on_device_call is not None and self._prices is not None:
+            active = int((np.asarray(root_pos) >= 0).sum())
+            self._observe("expand", self._prices.expand_s(shape, active), dt)
         return trees
+
+    def _observe(self, kind: str, price_s: float | None, seconds: float) -> None:
+        if price_s is not None:
+            self.on_device_call(kind, price_s, seconds)
 
     # ---- public ----------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

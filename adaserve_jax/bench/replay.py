@@ -35,6 +35,8 @@ from adaserve_jax.scheduler.request import FinishReason, Phase, Request, Request
 # end of a full slot would otherwise need rows past the context (the scheduler only
 # checks prompt + max_tokens <= context).
 SPEC_HEADROOM = 32
+# device calls whose speed against the start-up profile a replay records (`*_speed`)
+SPEED_KINDS = ("verify", "draft", "expand")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,7 +50,9 @@ class _Raw:
     decode_batches: list[int]
     failed: int
     host_s: float | None
-    verify_speed: list[float]  # each verify call's wall time / the profile's price of it
+    # each device call's wall time / the profile's price of it, by kind ("verify", "draft",
+    # "expand")
+    speeds: dict[str, list[float]]
     baseline_tpot_ms: float | None = None  # the replay's own baseline (per-run baselines)
     offered_rps: float | None = None  # of the replay's own arrivals (per-run baselines)
 
@@ -149,17 +153,16 @@ def replay(
     sched = engine._scheduler(policy, on_finish=on_finish)
     clock = sched.clock
     device_s0 = getattr(engine, "device_seconds", None)
-    # how fast the machine ran the verify steps against its start-up profile, call by call
-    speed: list[float] = []
-    profile = getattr(engine, "latency_profile", None)
-    if profile is not None and hasattr(engine, "on_verify"):
-        price_s = {b: profile.verify.latency_ms(b) / 1e3 for b in profile.buckets}
+    # how fast the machine ran each kind of device call against its start-up profile
+    speeds: dict[str, list[float]] = {kind: [] for kind in SPEED_KINDS}
+    observes = hasattr(engine, "on_device_call")
+    if observes:
 
-        def on_verify(bucket: int, seconds: float) -> None:
-            if bucket in price_s:
-                speed.append(seconds / price_s[bucket])
+        def on_device_call(kind: str, price_s: float, seconds: float) -> None:
+            if price_s > 0:
+                speeds[kind].append(seconds / price_s)
 
-        engine.on_verify = on_verify
+        engine.on_device_call = on_device_call
     states: list[RequestState] = []
     t0 = clock()
     nxt = 0
@@ -176,8 +179,8 @@ def replay(
             elif nxt < len(requests):
                 time.sleep(max(0.0, float(arrivals_s[nxt]) - (clock() - t0)))
     finally:
-        if hasattr(engine, "on_verify"):
-            engine.on_verify = None
+        if observes:
+            engine.on_device_call = None
     bar.close()
     wall_s = max((max(finished) if finished else clock()) - t0, 1e-9)
     unfinished = [s.request.request_id for s in states if s.phase is not Phase.DONE]
@@ -196,7 +199,7 @@ def replay(
         decode_batches=[r.decode_requests for r in log],
         failed=sum(s.finish_reason is FinishReason.ERROR for s in states),
         host_s=host_s,
-        verify_speed=speed,
+        speeds=speeds,
     )
     return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
 
@@ -223,10 +226,12 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
     summary["host_ms_per_iteration"] = None
     if all(r.host_s is not None for r in raws) and log_steps:
         summary["host_ms_per_iteration"] = 1e3 * sum(r.host_s for r in raws) / len(log_steps)
-    # median verify-call wall time over the profile's price of its bucket: how fast the
-    # machine ran during this replay (sim/validate.py `--speed cell` prices the run with it)
-    speeds = [x for r in raws for x in r.verify_speed]
-    summary["verify_speed"] = float(np.median(speeds)) if speeds else None
+    # per kind of device call, its median wall time over the profile's price of it: how fast
+    # the machine ran during this replay (sim/validate.py `--speed cell` prices the run with
+    # them); `verify_speed`, `draft_speed`, `expand_speed` (None: no such call was priced)
+    for kind in SPEED_KINDS:
+        ratios = [x for r in raws for x in r.speeds[kind]]
+        summary[f"{kind}_speed"] = float(np.median(ratios)) if ratios else None
     if len(raws) > 1:
         summary["repeats"] = len(raws)
     return summary

@@ -13,6 +13,7 @@ autoregressive time per token at near-zero load) scales the SLO categories.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -65,6 +66,37 @@ class Profile:
                 str(k): {int(r): float(ms) for r, ms in rows.items()} for k, rows in expand.items()
             },
         )
+
+
+class CallPrices:
+    """A device call's price in seconds by the profile: the verify step by its padded token
+    bucket, a draft step by its token count (padded to the draft's next measured bucket), an
+    expansion call by its tree shape and decoding rows (the next measured row bucket). None
+    where the profile has no such entry (a bucket past the largest, an unmeasured shape)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self._verify = {b: ms / 1e3 for b, ms in profile.verify_ms.items()}
+        draft = sorted((profile.draft_ms or {}).items())
+        self._draft_buckets = [b for b, _ in draft]
+        self._draft_s = [ms / 1e3 for _, ms in draft]
+        self._expand = {
+            key: (sorted(rows), [rows[r] / 1e3 for r in sorted(rows)])
+            for key, rows in (profile.expand_ms or {}).items()
+        }
+
+    def verify_s(self, bucket: int) -> float | None:
+        return self._verify.get(bucket)
+
+    def draft_s(self, tokens: int) -> float | None:
+        i = bisect.bisect_left(self._draft_buckets, tokens)
+        return self._draft_s[i] if i < len(self._draft_s) else None
+
+    def expand_s(self, shape, active: int) -> float | None:
+        table = self._expand.get(shape_key(shape))
+        if table is None:
+            return None
+        i = bisect.bisect_left(table[0], max(active, 1))
+        return table[1][i] if i < len(table[1]) else None
 
 
 def shape_key(shape) -> str:

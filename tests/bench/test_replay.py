@@ -98,6 +98,10 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
         # the machine's speed against its profile while this policy ran: a positive ratio
         # near 1 (the profile was measured minutes ago on the same machine)
         assert 0.2 < p["verify_speed"] < 5.0, name
+    # the draft's calls are priced the same way, for the speculative policy only
+    ar, ada = result["policies"]["autoregressive"], result["policies"]["adaserve"]
+    assert ar["draft_speed"] is None and ar["expand_speed"] is None
+    assert 0.2 < ada["draft_speed"] < 5.0 and 0.2 < ada["expand_speed"] < 5.0
     # the recorded profile prices the adaserve expansion call for the simulator's validation
     assert list(result["settings"]["latency_profile"]["expand_ms"]) == ["4,1,2"]
     assert result["policies"]["autoregressive"]["mean_accepted_per_step"] == 1.0
