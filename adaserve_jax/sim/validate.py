@@ -19,8 +19,11 @@ the bench profile's device latencies by the run's measured baseline TPOT over th
 than when the profile was taken; 1.19x in a run whose profile said 3.85 ms and whose lone
 request then took 4.57 ms). `--speed cell` scales them, per policy and load, by that replay's
 own `verify_speed` (the median of its verify calls' wall time over the profile's price of
-their bucket): the machine's speed drifts by tens of percent between minutes, and this
-compares the simulator with each replay at the speed the machine ran it.
+their bucket), and the draft's step and expansion latencies by its `draft_speed` and
+`expand_speed` (the same ratio for those calls, where the bench recorded them; else
+`verify_speed`): the machine's speed drifts by tens of percent between minutes, and the
+kinds of call do not slow alike, so this compares the simulator with each replay at the speed
+the machine ran each of its calls.
 """
 
 from __future__ import annotations
@@ -46,16 +49,23 @@ def _scaled(table, speed: float):
 
 
 def _bench_profile(
-    settings: dict, host_ms: float = 0.0, source: str = "bench JSON", speed: float = 1.0
+    settings: dict,
+    host_ms: float = 0.0,
+    source: str = "bench JSON",
+    speed: float = 1.0,
+    draft_speed: float | None = None,
+    expand_speed: float | None = None,
 ):
+    """The profile the real run recorded, its verify latencies times `speed` and the draft's
+    step and expansion latencies times their own speeds (`speed` where None)."""
     prof = settings.get("latency_profile")
     if not prof:
         raise SystemExit("error: the bench JSON records no latency_profile; use --profile local")
     data = {
         "name": "bench",
         "verify_ms": _scaled(prof["verify_ms"], speed),
-        "draft_ms": _scaled(prof.get("draft_ms"), speed),
-        "expand_ms": _scaled(prof.get("expand_ms"), speed),
+        "draft_ms": _scaled(prof.get("draft_ms"), draft_speed or speed),
+        "expand_ms": _scaled(prof.get("expand_ms"), expand_speed or speed),
         "baseline_tpot_ms": prof["baseline_tpot_ms"],
         "pad_to_buckets": True,
         "expand_rows": "all",
@@ -82,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         choices=("profile", "measured", "cell"),
         default="profile",
         help="measured: scale the bench profile's latencies by measured / profile baseline "
-        "TPOT; cell: by each policy and load's own `verify_speed` (its verify calls' median "
-        "wall time over the profile's price)",
+        "TPOT; cell: by each policy and load's own `verify_speed`, `draft_speed` and "
+        "`expand_speed` (each kind of call's median wall time over the profile's price)",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         host_ms = 0.0 if measured_host else float(args.host_ms)
     except ValueError:
         ap.error(f"--host-ms {args.host_ms!r}: expected a number of ms or 'measured'")
-    speed = 1.0
+    speed, draft_speed, expand_speed = 1.0, None, None
     if args.speed == "measured":
         if args.profile != "bench" or st.get("baseline") != "measured":
             ap.error("--speed measured needs --profile bench and a --baseline measured run")
@@ -145,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "no verify_speed (re-run the bench)"
                     )
                 speed = rs["verify_speed"]
-                profile = _bench_profile(st, host_ms, args.bench_json, speed)
+                # the draft's calls at their own measured speeds (benches that recorded them)
+                draft_speed, expand_speed = rs.get("draft_speed"), rs.get("expand_speed")
+                profile = _bench_profile(
+                    st, host_ms, args.bench_json, speed, draft_speed, expand_speed
+                )
             if measured_host:
                 if rs.get("host_ms_per_iteration") is None:
                     raise SystemExit(
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "time_scale": point["time_scale"],
                 "sim_host_ms": profile.host_ms,
                 "sim_speed": speed,
+                "sim_draft_speed": draft_speed or speed,
+                "sim_expand_speed": expand_speed or speed,
                 "real_attainment": rs["attainment"],
                 "sim_attainment": att,
                 "attainment_gap_pp": 100 * (att - rs["attainment"]),

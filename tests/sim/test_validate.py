@@ -16,7 +16,9 @@ PROFILE = {
 }
 
 
-def bench_json(tmp_path: Path, host_ms: dict, speed: dict | None = None) -> Path:
+def bench_json(
+    tmp_path: Path, host_ms: dict, speed: dict | None = None, draft: dict | None = None
+) -> Path:
     trace = write_trace(tmp_path / "trace.json", n=6)
     policies = {
         name: {
@@ -27,6 +29,9 @@ def bench_json(tmp_path: Path, host_ms: dict, speed: dict | None = None) -> Path
             "tpot_p50_ms": 5.0,
             "host_ms_per_iteration": ms,
             "verify_speed": (speed or {}).get(name),
+            # draft step and expansion speeds (as recorded by benches since c074cbe)
+            "draft_speed": (draft or {}).get(name),
+            "expand_speed": (draft or {}).get(name),
         }
         for name, ms in host_ms.items()
     }
@@ -97,6 +102,24 @@ def test_cell_speed_prices_each_replay_at_its_own_speed(tmp_path, cal_file):
         run(missing, cal_file, "--speed", "cell")
     with pytest.raises(SystemExit):
         run(path, cal_file, "--speed", "cell", "--profile", "local")
+
+
+def test_cell_speed_prices_the_drafts_calls_at_their_own_speed(tmp_path, cal_file):
+    """A replay whose draft calls ran 3x their profile price while its verify steps ran at
+    the price: `--speed cell` slows the speculative policy's simulated steps, not the plain
+    policy's; without recorded draft speeds the verify speed prices the draft's calls too."""
+    tpot = {}
+    for draft in (None, 3.0):
+        host = {"autoregressive": 0.0, "spec:2": 0.0}
+        path = bench_json(
+            tmp_path, host, speed=dict.fromkeys(host, 1.0), draft=dict.fromkeys(host, draft)
+        )
+        rows = {r["policy"]: r for r in run(path, cal_file, "--speed", "cell")["rows"]}
+        assert rows["spec:2"]["sim_draft_speed"] == rows["spec:2"]["sim_expand_speed"]
+        assert rows["spec:2"]["sim_draft_speed"] == (draft or 1.0)
+        tpot[draft] = {p: r["sim_tpot_p50_ms"] for p, r in rows.items()}
+    assert tpot[3.0]["autoregressive"] == tpot[None]["autoregressive"]
+    assert tpot[3.0]["spec:2"] > tpot[None]["spec:2"] + 1.0  # +2 x (1.0-1.2 + 2.0) ms a step
 
 
 def test_per_run_baselines_set_each_rounds_slos(tmp_path, cal_file):
