@@ -125,17 +125,33 @@ def profile_key(target: DeviceModel, draft: DeviceModel | None) -> str:
         "target": [target.config.to_dict(), str(target.model.path), target.token_buckets],
         "draft": None if draft is None else [draft.config.to_dict(), str(draft.model.path)],
         "impl": target.attention_impl,
+        # how the tables are measured: 2 = the draft's calls timed in their serving sequence
+        "method": 2,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _median_ms(dev: DeviceModel, tokens: int, context: int, head: str, repeats: int) -> float:
+def _median_ms(
+    dev: DeviceModel, tokens: int, context: int, head: str, repeats: int, before=None
+) -> float:
+    """A low quantile of `repeats` timed steps of `tokens` tokens on slot 0 at `context`;
+    `before()` (untimed) runs ahead of every one of them."""
     seg = Segment.chain(0, context, [1] * tokens)
-    dev.run([seg], head=head)
+    return _timed_ms(lambda: dev.run([seg], head=head), repeats, before)
+
+
+def _timed_ms(call, repeats: int, before=None) -> float:
+    """A low quantile of `repeats` timed `call()`s after one untimed warm-up, each preceded by
+    an untimed `before()` when given (what runs ahead of the call in serving)."""
+    if before is not None:
+        before()
+    call()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
-        dev.run([seg], head=head)
+        call()  # returns numpy: waits for the device
         times.append(time.perf_counter() - t0)
     return _low_quantile_ms(times)
 
@@ -157,8 +173,9 @@ def _monotone(table: dict[int, float]) -> None:
         running = table[t] = min(running, table[t])
 
 
-def _expand_ms(expander, shape, rows: int, context: int, repeats: int) -> float:
-    """One expansion call with `rows` slots growing a tree of `shape` from row `context`.
+def _expand_ms(expander, shape, rows: int, context: int, repeats: int, before=None) -> float:
+    """One expansion call with `rows` slots growing a tree of `shape` from row `context`,
+    each preceded by an untimed `before()`.
 
     It writes the best path's draft K/V at rows `context + 1 ...` of those slots: call before
     serving (as the rest of the profile)."""
@@ -166,14 +183,11 @@ def _expand_ms(expander, shape, rows: int, context: int, repeats: int) -> float:
     vals = np.log(np.full((s, k), 1.0 / k, np.float32))
     toks = np.ones((s, k), np.int32)
     root_pos = np.where(np.arange(s) < rows, context, -1).astype(np.int32)
+    return _timed_ms(lambda: expander.expand(vals, toks, root_pos, shape), repeats, before)
 
-    def once() -> float:
-        t0 = time.perf_counter()
-        expander.expand(vals, toks, root_pos, shape)  # returns numpy: waits for the device
-        return time.perf_counter() - t0
 
-    once()
-    return _low_quantile_ms([once() for _ in range(repeats)])
+def _bucket_at_least(buckets, n: int) -> int:
+    return next((b for b in sorted(buckets) if b >= n), max(buckets))
 
 
 def measure_profile(
@@ -194,19 +208,36 @@ def measure_profile(
     verify = {}
     for t in tqdm(target.token_buckets, desc="profile verify step", disable=not progress):
         verify[t] = _median_ms(target, t, context, "sample", repeats)
+    # The draft's calls are timed as they run in serving, where a speculative iteration goes
+    # verify -> draft step -> expansion -> verify: each draft step right after a target step
+    # of its size, each expansion right after a target step and a draft step over its rows.
+    # Timed alone (the draft's weights and caches still warm from the call before) they cost
+    # up to 1.6x less than in that sequence on this 2-core CPU (BENCHMARKS.md, "The draft's
+    # calls in sequence"), and the budget rule would take drafting for cheaper than it is.
+    def target_step(tokens: int):
+        seg = Segment.chain(0, context, [1] * _bucket_at_least(target.token_buckets, tokens))
+        return lambda: target.run([seg], head="sample")
+
     draft_ms = None
     if draft is not None:
         draft_ms = {}
         for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
-            draft_ms[t] = _median_ms(draft, t, context, "topk_last", repeats)
+            draft_ms[t] = _median_ms(draft, t, context, "topk_last", repeats, target_step(t))
     expand = None
     shapes = expansion_shapes(expander)
     if shapes:
         expand = {}
         combos = [(sh, r) for sh in shapes for r in expander.row_buckets]
         for shape, r in tqdm(combos, desc="profile draft expansion", disable=not progress):
+            verify_step = target_step(r * (1 + shape.depth))
+            draft_seg = Segment.chain(0, context, [1] * r)
+
+            def before(verify_step=verify_step, draft_seg=draft_seg):
+                verify_step()
+                expander.device.run([draft_seg], head="topk_last")
+
             expand.setdefault(shape_key(shape), {})[r] = _expand_ms(
-                expander, shape, r, context, repeats
+                expander, shape, r, context, repeats, before
             )
     _monotone(verify)
     if draft_ms:

@@ -57,3 +57,34 @@ def test_engine_profile_has_expansion_for_its_policies(spec_engine, tmp_path, mo
     ref = spec_engine.generate(prompts, max_tokens=8)
     out = spec_engine.generate(prompts, max_tokens=8, policy="spec:2")
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+
+
+def test_drafts_calls_are_timed_in_their_serving_sequence(spec_engine, tmp_path, monkeypatch):
+    """In serving a draft step follows a verify step and an expansion follows a verify step
+    and a draft step (the draft's weights no longer warm): the profiler times them so."""
+    draft = spec_engine.draft
+    calls = []
+
+    def recorded(obj, name, label):
+        inner = getattr(obj, name)
+
+        def call(*args, **kwargs):
+            calls.append(label)
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, call)
+
+    recorded(spec_engine.target, "run", "T")
+    recorded(draft.device, "run", "D")
+    recorded(draft, "expand", "E")
+    load_or_measure(
+        spec_engine.target, draft.device, expander=draft, cache_dir=tmp_path, progress=False
+    )
+    seq = "".join(calls)
+    verify_part, rest = seq[: seq.index("D") - 1], seq[seq.index("D") - 1 :]
+    assert set(verify_part) == {"T"}
+    draft_part, expand_part = rest[: rest.index("E") - 2], rest[rest.index("E") - 2 :]
+    n_draft = len(draft.device.token_buckets)
+    assert draft_part == "TD" * (len(draft_part) // 2) and len(draft_part) // 2 == 16 * n_draft
+    assert expand_part == "TDE" * (len(expand_part) // 3)
+    assert len(expand_part) // 3 == 16 * 2 * len(draft.row_buckets)  # 2 shapes
