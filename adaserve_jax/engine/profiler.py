@@ -208,6 +208,7 @@ def measure_profile(
     verify = {}
     for t in tqdm(target.token_buckets, desc="profile verify step", disable=not progress):
         verify[t] = _median_ms(target, t, context, "sample", repeats)
+
     # The draft's calls are timed as they run in serving, where a speculative iteration goes
     # verify -> draft step -> expansion -> verify: each draft step right after a target step
     # of its size, each expansion right after a target step and a draft step over its rows.
