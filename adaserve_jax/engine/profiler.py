@@ -141,8 +141,13 @@ def _median_ms(
 
 
 def _timed_ms(call, repeats: int, before=None) -> float:
-    """A low quantile of `repeats` timed `call()`s after one untimed warm-up, each preceded by
-    an untimed `before()` when given (what runs ahead of the call in serving)."""
+    return _low_quantile_ms(time_calls(call, repeats, before))
+
+
+def time_calls(call, repeats: int, before=None) -> list[float]:
+    """Seconds of `repeats` timed `call()`s after one untimed warm-up, each preceded by an
+    untimed `before()` when given (what runs ahead of the call in serving). `call` must wait
+    for the device (the engine's calls return numpy)."""
     if before is not None:
         before()
     call()
@@ -151,9 +156,9 @@ def _timed_ms(call, repeats: int, before=None) -> float:
         if before is not None:
             before()
         t0 = time.perf_counter()
-        call()  # returns numpy: waits for the device
+        call()
         times.append(time.perf_counter() - t0)
-    return _low_quantile_ms(times)
+    return times
 
 
 def _low_quantile_ms(times: list[float]) -> float:

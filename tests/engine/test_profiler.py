@@ -88,3 +88,14 @@ def test_drafts_calls_are_timed_in_their_serving_sequence(spec_engine, tmp_path,
     assert draft_part == "TD" * (len(draft_part) // 2) and len(draft_part) // 2 == 16 * n_draft
     assert expand_part == "TDE" * (len(expand_part) // 3)
     assert len(expand_part) // 3 == 16 * 2 * len(draft.row_buckets)  # 2 shapes
+
+
+def test_time_calls_runs_before_ahead_of_every_call_untimed():
+    from adaserve_jax.engine.profiler import time_calls
+
+    seq = []
+    times = time_calls(lambda: seq.append("c"), 4, before=lambda: seq.append("b"))
+    assert seq == ["b", "c"] * 5  # one warm-up pair, then 4 timed calls
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    seq.clear()
+    assert len(time_calls(lambda: seq.append("c"), 3)) == 3 and seq == ["c"] * 4
