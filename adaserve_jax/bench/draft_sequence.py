@@ -6,7 +6,7 @@
 A speculative iteration runs verify -> draft step -> expansion -> verify. Timed alone, a draft
 call finds the draft's weights and buffers warm from the call before; in serving the target's
 step ran in between. For each draft step size and each expansion shape and row count this
-times the call (a low quantile and the median of `--repeats`, engine/profiler.py `_timed_ms`)
+times the call (a low quantile and the median of `--repeats`, engine/profiler.py `time_calls`)
 alone, and right after what precedes it in serving: a target step of its size (draft step),
 a target step and a draft step over its rows (expansion). Also the target step alone and after
 a draft step. The start-up profile times the draft's calls in sequence (engine/profiler.py).
