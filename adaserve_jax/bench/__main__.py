@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from adaserve_jax.bench.cli import positive
+from adaserve_jax.bench.replay import SWEEP_ORDERS
 from adaserve_jax.bench.workload import WorkloadError, load_workload, take
 from adaserve_jax.scheduler.policy import parse_policy
 
@@ -79,8 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=positive(int),
         default=1,
-        help="replay every policy this many times per load, taking turns in alternating order "
-        "(ABC CBA ...), and pool each policy's rounds: steadier against a drifting machine",
+        help="replay every policy this many times per load, taking turns (--order), and pool "
+        "each policy's rounds: steadier against a drifting machine",
+    )
+    ap.add_argument(
+        "--order",
+        choices=SWEEP_ORDERS,
+        default="alternate",
+        help="with --repeats: alternate = ABC CBA ... (the last policy's rounds back to back); "
+        "cycle = ABC ABC ... (every policy's rounds equally far apart)",
     )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
     ap.add_argument(
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings["baseline"] = args.baseline
     settings["profile_baseline_tpot_ms"] = engine.baseline_tpot_ms
     settings["repeats"] = args.repeats
+    settings["order"] = args.order
     per_run = {}
     if args.baseline == "per-run":
 
@@ -225,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=progress,
         on_run=save,
         repeats=args.repeats,
+        order=args.order,
         **per_run,
     )
     result = save(sweep)

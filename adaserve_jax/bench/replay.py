@@ -37,6 +37,8 @@ from adaserve_jax.scheduler.request import FinishReason, Phase, Request, Request
 SPEC_HEADROOM = 32
 # device calls whose speed against the start-up profile a replay records (`*_speed`)
 SPEED_KINDS = ("verify", "draft", "expand")
+# how the policies take turns when a sweep repeats every load (`run_sweep`)
+SWEEP_ORDERS = ("alternate", "cycle")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -249,6 +251,7 @@ def run_sweep(
     log=print,
     on_run: Callable[[list[dict]], None] | None = None,
     repeats: int = 1,
+    order: str = "alternate",
     rebaseline: Callable[[], float] | None = None,
     requests_for: Callable[[float], Sequence[Request]] | None = None,
 ) -> list[dict]:
@@ -259,10 +262,13 @@ def run_sweep(
     `requests[i]` is `entries[i]` built by `build_requests`. `on_run(partial)` is called
     after every policy run (e.g. to save partial results of a long sweep).
 
-    `repeats` > 1: at every time scale the policies take turns `repeats` times, in reverse
-    order every other round (ABC CBA ABC ...), so a machine whose speed drifts over minutes
-    slows every policy about alike; each policy's summary pools its rounds (attainment over
-    all their requests, goodput over their summed wall time, `"repeats": N`).
+    `repeats` > 1: at every time scale the policies take turns `repeats` times, so a machine
+    whose speed drifts over minutes slows every policy about alike; each policy's summary
+    pools its rounds (attainment over all their requests, goodput over their summed wall
+    time, `"repeats": N`). `order` "alternate": in reverse order every other round (ABC CBA
+    ABC ...; balanced against a steady drift, but the last policy's rounds run back to back,
+    so one slow minute can take both); "cycle": the same order every round (ABC ABC ...;
+    every policy's rounds the same number of replays apart).
 
     `rebaseline` (with `requests_for`): per-run baselines. Right before every replay the
     baseline TPOT is measured again (`rebaseline()`), and that replay's requests
@@ -273,6 +279,8 @@ def run_sweep(
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"{repeats=} must be an int >= 1")
+    if order not in SWEEP_ORDERS:
+        raise ValueError(f"{order=} must be one of {SWEEP_ORDERS}")
     if (rebaseline is None) != (requests_for is None):
         raise ValueError("rebaseline and requests_for go together")
     out = []
@@ -282,7 +290,8 @@ def run_sweep(
         point = {"time_scale": scale, "offered_rps": offered_rps(arrivals), "policies": {}}
         raws: dict[str, list[_Raw]] = {p: [] for p in policies}
         for rnd in range(repeats):
-            for policy in policies if rnd % 2 == 0 else policies[::-1]:
+            reverse = order == "alternate" and rnd % 2 == 1
+            for policy in policies[::-1] if reverse else policies:
                 if "error" in point["policies"].get(policy, {}):
                     continue
                 desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")

@@ -203,6 +203,15 @@ def test_sweep_repeats_take_turns_in_alternating_order_and_pool(tmp_path):
         assert s["attainment"] is not None and s["failed"] == 0
     with pytest.raises(ValueError, match="repeats"):
         run_sweep(engine, entries, requests, [ar], [0.01], progress=False, repeats=0)
+    # "cycle": the same order every round, every policy's rounds equally far apart
+    engine.order.clear()
+    run_sweep(
+        engine, entries, requests, [ar, sa], [0.01], progress=False, log=lambda *a, **k: None,
+        repeats=3, order="cycle",
+    )  # fmt: skip
+    assert engine.order == [ar, sa, ar, sa, ar, sa]
+    with pytest.raises(ValueError, match="order"):
+        run_sweep(engine, entries, requests, [ar], [0.01], progress=False, order="random")
 
 
 def test_sweep_per_run_baselines_rebuild_each_replay(tmp_path):
