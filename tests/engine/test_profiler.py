@@ -99,3 +99,29 @@ def test_time_calls_runs_before_ahead_of_every_call_untimed():
     assert len(times) == 4 and all(t >= 0 for t in times)
     seq.clear()
     assert len(time_calls(lambda: seq.append("c"), 3)) == 3 and seq == ["c"] * 4
+
+
+def test_call_prices_pad_to_the_profiles_buckets():
+    from adaserve_jax.engine.profiler import CallPrices
+    from adaserve_jax.engine.tree import TreeShape
+
+    prof = Profile(
+        verify_ms={1: 4.0, 8: 9.0},
+        draft_ms={1: 1.0, 4: 1.5, 16: 3.0},
+        baseline_tpot_ms=4.0,
+        expand_ms={"4,1,2": {1: 2.0, 4: 3.0}},
+    )
+    prices = CallPrices(prof)
+    assert prices.verify_s(8) == pytest.approx(9.0e-3) and prices.verify_s(2) is None
+    # a draft step pads to the draft's next bucket; past the largest it is not priced
+    assert [prices.draft_s(t) for t in (1, 2, 4, 5, 16)] == pytest.approx(
+        [1.0e-3, 1.5e-3, 1.5e-3, 3.0e-3, 3.0e-3]
+    )
+    assert prices.draft_s(17) is None
+    # an expansion: its shape's next row bucket; an unmeasured shape or too many rows: None
+    shape = TreeShape(depth=4, width=1, topk=2)
+    assert prices.expand_s(shape, 1) == pytest.approx(2.0e-3)
+    assert prices.expand_s(shape, 3) == pytest.approx(3.0e-3)
+    assert prices.expand_s(shape, 5) is None
+    assert prices.expand_s(TreeShape(depth=2, width=1, topk=1), 1) is None
+    assert CallPrices(Profile({1: 4.0}, None, 4.0)).draft_s(1) is None
