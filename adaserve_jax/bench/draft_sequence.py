@@ -7,8 +7,9 @@ A speculative iteration runs verify -> draft step -> expansion -> verify. Timed 
 call finds the draft's weights and buffers warm from the call before; in serving the target's
 step ran in between. For each draft step size and each expansion shape and row count this
 times the call (a low quantile and the median of `--repeats`, engine/profiler.py `time_calls`)
-alone, and right after what precedes it in serving: a target step of its size (draft step),
-a target step and a draft step over its rows (expansion). Also the target step alone and after
+alone, and right after what precedes it in serving (the profiler's own `verify_step_before`
+and `calls_before_expansion`): a target step of its size (draft step), a target step and a
+draft step over its rows (expansion). Also the target step alone and after
 a draft step. The start-up profile times the draft's calls in sequence (engine/profiler.py).
 """
 
@@ -20,8 +21,13 @@ import statistics
 from pathlib import Path
 
 from adaserve_jax.bench.speculation import ROOT
-from adaserve_jax.engine.batch import Segment
-from adaserve_jax.engine.profiler import time_calls
+from adaserve_jax.engine.profiler import (
+    calls_before_expansion,
+    expand_call,
+    step_call,
+    time_calls,
+    verify_step_before,
+)
 
 
 def _times_ms(call, repeats: int, before=None) -> dict:
@@ -31,8 +37,6 @@ def _times_ms(call, repeats: int, before=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import numpy as np
-
     from adaserve_jax import Engine, load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,17 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     if any(r < 1 or r > draft.num_slots for r in args.rows):
         ap.error(f"--rows must lie in [1, {draft.num_slots}]")
     context = 128
-
-    def step(dev, tokens: int, head: str):
-        seg = [Segment.chain(0, context, [1] * tokens)]
-        return lambda: dev.run(seg, head=head)
-
-    def bucket(tokens: int) -> int:
-        return next((b for b in target.token_buckets if b >= tokens), max(target.token_buckets))
-
     rows_out = []
     for t in args.tokens:
-        d, v = step(draft, t, "topk_last"), step(target, t, "sample")
+        d = step_call(draft, t, context, "topk_last")
+        v = verify_step_before(target, t, context)
         row = {
             "call": f"draft step T={t}",
             "alone": _times_ms(d, args.repeats),
@@ -83,28 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows_out.append(row)
     for shape in [s for s in expander.shapes if s.depth > 1]:
         for r in args.rows:
-            s, k = draft.num_slots, shape.topk
-            vals = np.log(np.full((s, k), 1.0 / k, np.float32))
-            toks = np.ones((s, k), np.int32)
-            pos = np.where(np.arange(s) < r, context, -1).astype(np.int32)
-            v, d = (
-                step(target, bucket(r * (1 + shape.depth)), "sample"),
-                step(draft, r, "topk_last"),
-            )
-
-            def expand(shape=shape, vals=vals, toks=toks, pos=pos):
-                expander.expand(vals, toks, pos, shape)
-
-            def before(v=v, d=d):
-                v()
-                d()
-
-            label = f"expand {shape.depth},{shape.width},{shape.topk} rows={r}"
+            call = expand_call(expander, shape, r, context)
+            before = calls_before_expansion(target, expander, shape, r, context)
             rows_out.append(
                 {
-                    "call": label,
-                    "alone": _times_ms(expand, args.repeats),
-                    "in_sequence": _times_ms(expand, args.repeats, before=before),
+                    "call": f"expand {shape.depth},{shape.width},{shape.topk} rows={r}",
+                    "alone": _times_ms(call, args.repeats),
+                    "in_sequence": _times_ms(call, args.repeats, before=before),
                 }
             )
     for row in rows_out:

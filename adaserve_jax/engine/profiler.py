@@ -131,17 +131,42 @@ def profile_key(target: DeviceModel, draft: DeviceModel | None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _median_ms(
-    dev: DeviceModel, tokens: int, context: int, head: str, repeats: int, before=None
-) -> float:
-    """A low quantile of `repeats` timed steps of `tokens` tokens on slot 0 at `context`;
-    `before()` (untimed) runs ahead of every one of them."""
+def step_call(dev: DeviceModel, tokens: int, context: int, head: str):
+    """A step of `tokens` tokens on slot 0 from row `context` (rewriting those K/V rows on
+    every call: use before serving), as a callable for `time_calls`."""
     seg = Segment.chain(0, context, [1] * tokens)
-    return _timed_ms(lambda: dev.run([seg], head=head), repeats, before)
+    return lambda: dev.run([seg], head=head)
 
 
-def _timed_ms(call, repeats: int, before=None) -> float:
-    return _low_quantile_ms(time_calls(call, repeats, before))
+def expand_call(expander, shape, rows: int, context: int):
+    """One expansion call with `rows` slots growing a tree of `shape` from row `context` (it
+    writes the best path's draft K/V at rows `context + 1 ...` of those slots: use before
+    serving), as a callable for `time_calls`."""
+    s, k = expander.device.num_slots, shape.topk
+    vals = np.log(np.full((s, k), 1.0 / k, np.float32))
+    toks = np.ones((s, k), np.int32)
+    root_pos = np.where(np.arange(s) < rows, context, -1).astype(np.int32)
+    return lambda: expander.expand(vals, toks, root_pos, shape)
+
+
+def verify_step_before(target: DeviceModel, tokens: int, context: int):
+    """What runs ahead of a draft step of `tokens` tokens in serving: a verify step of about
+    its size (the target's next bucket)."""
+    bucket = next((b for b in sorted(target.token_buckets) if b >= tokens), None)
+    return step_call(target, bucket or max(target.token_buckets), context, "sample")
+
+
+def calls_before_expansion(target: DeviceModel, expander, shape, rows: int, context: int):
+    """What runs ahead of an expansion over `rows` slots in serving: a verify step of their
+    trees' size, then the draft's step over their rows."""
+    verify = verify_step_before(target, rows * (1 + shape.depth), context)
+    draft = step_call(expander.device, rows, context, "topk_last")
+
+    def before() -> None:
+        verify()
+        draft()
+
+    return before
 
 
 def time_calls(call, repeats: int, before=None) -> list[float]:
@@ -178,23 +203,6 @@ def _monotone(table: dict[int, float]) -> None:
         running = table[t] = min(running, table[t])
 
 
-def _expand_ms(expander, shape, rows: int, context: int, repeats: int, before=None) -> float:
-    """One expansion call with `rows` slots growing a tree of `shape` from row `context`,
-    each preceded by an untimed `before()`.
-
-    It writes the best path's draft K/V at rows `context + 1 ...` of those slots: call before
-    serving (as the rest of the profile)."""
-    s, k = expander.device.num_slots, shape.topk
-    vals = np.log(np.full((s, k), 1.0 / k, np.float32))
-    toks = np.ones((s, k), np.int32)
-    root_pos = np.where(np.arange(s) < rows, context, -1).astype(np.int32)
-    return _timed_ms(lambda: expander.expand(vals, toks, root_pos, shape), repeats, before)
-
-
-def _bucket_at_least(buckets, n: int) -> int:
-    return next((b for b in sorted(buckets) if b >= n), max(buckets))
-
-
 def measure_profile(
     target: DeviceModel,
     draft: DeviceModel | None = None,
@@ -212,7 +220,7 @@ def measure_profile(
     context = min(context, target.max_len - max(target.token_buckets))
     verify = {}
     for t in tqdm(target.token_buckets, desc="profile verify step", disable=not progress):
-        verify[t] = _median_ms(target, t, context, "sample", repeats)
+        verify[t] = _low_quantile_ms(time_calls(step_call(target, t, context, "sample"), repeats))
 
     # The draft's calls are timed as they run in serving, where a speculative iteration goes
     # verify -> draft step -> expansion -> verify: each draft step right after a target step
@@ -220,30 +228,23 @@ def measure_profile(
     # Timed alone (the draft's weights and caches still warm from the call before) they cost
     # up to 1.6x less than in that sequence on this 2-core CPU (BENCHMARKS.md, "The draft's
     # calls in sequence"), and the budget rule would take drafting for cheaper than it is.
-    def target_step(tokens: int):
-        seg = Segment.chain(0, context, [1] * _bucket_at_least(target.token_buckets, tokens))
-        return lambda: target.run([seg], head="sample")
-
     draft_ms = None
     if draft is not None:
         draft_ms = {}
         for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
-            draft_ms[t] = _median_ms(draft, t, context, "topk_last", repeats, target_step(t))
+            call = step_call(draft, t, context, "topk_last")
+            before = verify_step_before(target, t, context)
+            draft_ms[t] = _low_quantile_ms(time_calls(call, repeats, before))
     expand = None
     shapes = expansion_shapes(expander)
     if shapes:
         expand = {}
         combos = [(sh, r) for sh in shapes for r in expander.row_buckets]
         for shape, r in tqdm(combos, desc="profile draft expansion", disable=not progress):
-            verify_step = target_step(r * (1 + shape.depth))
-            draft_seg = Segment.chain(0, context, [1] * r)
-
-            def before(verify_step=verify_step, draft_seg=draft_seg):
-                verify_step()
-                expander.device.run([draft_seg], head="topk_last")
-
-            expand.setdefault(shape_key(shape), {})[r] = _expand_ms(
-                expander, shape, r, context, repeats, before
+            call = expand_call(expander, shape, r, context)
+            before = calls_before_expansion(target, expander, shape, r, context)
+            expand.setdefault(shape_key(shape), {})[r] = _low_quantile_ms(
+                time_calls(call, repeats, before)
             )
     _monotone(verify)
     if draft_ms:
