@@ -55,6 +55,9 @@ class _Raw:
     # each device call's wall time / the profile's price of it, by kind ("verify", "draft",
     # "expand")
     speeds: dict[str, list[float]]
+    # per kind, per second of the replay since its start: (wall time, price) summed over the
+    # calls that began in that second
+    speed_bins: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
     baseline_tpot_ms: float | None = None  # the replay's own baseline (per-run baselines)
     offered_rps: float | None = None  # of the replay's own arrivals (per-run baselines)
 
@@ -157,12 +160,18 @@ def replay(
     device_s0 = getattr(engine, "device_seconds", None)
     # how fast the machine ran each kind of device call against its start-up profile
     speeds: dict[str, list[float]] = {kind: [] for kind in SPEED_KINDS}
+    bins: dict[str, list[list[float]]] = {kind: [] for kind in SPEED_KINDS}
     observes = hasattr(engine, "on_device_call")
     if observes:
 
         def on_device_call(kind: str, price_s: float, seconds: float) -> None:
             if price_s > 0:
                 speeds[kind].append(seconds / price_s)
+                sec, row = int(clock() - seconds - t0), bins[kind]
+                while len(row) <= sec:
+                    row.append([0.0, 0.0])
+                row[sec][0] += seconds
+                row[sec][1] += price_s
 
         engine.on_device_call = on_device_call
     states: list[RequestState] = []
@@ -202,6 +211,7 @@ def replay(
         failed=sum(s.finish_reason is FinishReason.ERROR for s in states),
         host_s=host_s,
         speeds=speeds,
+        speed_bins=bins,
     )
     return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
 
@@ -234,6 +244,19 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
     for kind in SPEED_KINDS:
         ratios = [x for r in raws for x in r.speeds[kind]]
         summary[f"{kind}_speed"] = float(np.median(ratios)) if ratios else None
+    # the same, time-weighted (the calls' summed wall time over their summed price: the ratio
+    # that scales a replay's total device time), and per round its per-second trace (None
+    # for a second without such calls): `{kind}_time_ratio`, `speed_trace[kind][round]`
+    trace: dict[str, list[list[float | None]]] = {}
+    for kind in SPEED_KINDS:
+        cells = [b for r in raws for b in r.speed_bins.get(kind, [])]
+        price = sum(p for _, p in cells)
+        summary[f"{kind}_time_ratio"] = sum(w for w, _ in cells) / price if price > 0 else None
+        trace[kind] = [
+            [round(w / p, 4) if p > 0 else None for w, p in r.speed_bins.get(kind, [])]
+            for r in raws
+        ]
+    summary["speed_trace"] = trace
     if len(raws) > 1:
         summary["repeats"] = len(raws)
     return summary

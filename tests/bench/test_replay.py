@@ -98,9 +98,16 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
         # the machine's speed against its profile while this policy ran: a positive ratio
         # near 1 (the profile was measured minutes ago on the same machine)
         assert 0.2 < p["verify_speed"] < 5.0, name
+        # time-weighted, and per second of the replay (one round): every second of a
+        # replay that decodes all along has verify calls, and their ratios pool to the total
+        assert 0.2 < p["verify_time_ratio"] < 5.0, name
+        (per_s,) = p["speed_trace"]["verify"]
+        assert int(p["wall_s"] - 0.5) + 1 <= len(per_s) <= int(p["wall_s"]) + 1, name
+        assert all(x is None or 0.1 < x < 10.0 for x in per_s), name
     # the draft's calls are priced the same way, for the speculative policy only
     ar, ada = result["policies"]["autoregressive"], result["policies"]["adaserve"]
     assert ar["draft_speed"] is None and ar["expand_speed"] is None
+    assert ar["draft_time_ratio"] is None and ar["speed_trace"]["draft"] == [[]]
     assert 0.2 < ada["draft_speed"] < 5.0 and 0.2 < ada["expand_speed"] < 5.0
     # the recorded profile prices the adaserve expansion call for the simulator's validation
     assert list(result["settings"]["latency_profile"]["expand_ms"]) == ["4,1,2"]
