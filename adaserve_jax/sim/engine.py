@@ -11,6 +11,8 @@ device work is replaced:
   row bucket holding the decoding requests (the real engine expands only those), or,
   without one, by `depth - 1` draft steps over `rows * width` tokens (the real expansion
   runs depth-1 from the draft step's top-k and one draft step per further depth, in one call).
+  With a `SpeedTrace` (validation against a real replay) every call's latency is scaled by
+  how fast the real machine ran that kind of call in that second of the replay.
 - **Draft trees.** `expand` lays trees out exactly as steps/expand.py does (node 0 the root,
   nodes 1..k the depth-1 candidates, then `w * k` per depth, children of the previous depth's
   top-`w` frontier by `log f`, ties to the lower index). The draft's conditional
@@ -55,6 +57,37 @@ class VirtualClock:
         self.now = max(self.now, float(t))
 
 
+class SpeedTrace:
+    """How fast a real replay's device ran, per second since its start and per kind of call
+    ("verify", "draft", "expand"): each call's wall time over its profile price (bench
+    `speed_trace`). `factor(kind, t)` scales a simulated call that begins at virtual time `t`:
+    a second without such calls takes the nearest earlier second's factor (the first
+    measured one before any), past the trace the last one, and a kind never measured `fallback`'s
+    (or 1.0)."""
+
+    def __init__(self, per_kind: dict[str, list[float | None]], fallback: str = "verify") -> None:
+        self._rows: dict[str, np.ndarray] = {}
+        for kind, values in per_kind.items():
+            row = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+            bad = row[~np.isnan(row)]
+            if bad.size and not (np.isfinite(bad).all() and bad.min() > 0):
+                raise ValueError(f"speed trace {kind!r}: factors must be finite and > 0")
+            if np.isnan(row).all():
+                continue
+            first = row[~np.isnan(row)][0]
+            for i in range(row.size):  # carry the last measured second forward
+                if np.isnan(row[i]):
+                    row[i] = row[i - 1] if i else first
+            self._rows[kind] = row
+        self.fallback = fallback
+
+    def factor(self, kind: str, t: float) -> float:
+        row = self._rows.get(kind, self._rows.get(self.fallback))
+        if row is None:
+            return 1.0
+        return float(row[min(max(int(t), 0), row.size - 1)])
+
+
 class SimEngine:
     """StepEngine protocol (scheduler/loop.py) on a virtual clock; see the module docstring."""
 
@@ -68,6 +101,7 @@ class SimEngine:
         clock: VirtualClock | None = None,
         seed: int = 0,
         draft_topk: int = 8,
+        speed: SpeedTrace | None = None,
     ) -> None:
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"{num_slots=} must be >= 1 and {max_len=} >= 2")
@@ -85,6 +119,7 @@ class SimEngine:
         self.verify_seconds = 0.0
         self.draft_seconds = 0.0
         self.cpu_seconds = 0.0  # host CPU time inside this engine (not the scheduler's)
+        self.speed = speed  # a real replay's device speed over time (validation), else 1.0
 
     # ---- StepEngine --------------------------------------------------------------------
     def forward(
@@ -93,7 +128,8 @@ class SimEngine:
         t0 = time.thread_time()
         b = SegmentBatch.of(segments)
         lens, offsets, total = b.lens, b.starts, b.num_tokens
-        step_s = (self.profile.verify_ms(total) + self.profile.host_ms) / 1e3
+        verify_ms = self.profile.verify_ms(total) * self._factor("verify")
+        step_s = (verify_ms + self.profile.host_ms) / 1e3
         self.clock.advance(step_s)
         self.verify_seconds += step_s
         sampled = np.zeros(total, np.int32)
@@ -115,7 +151,7 @@ class SimEngine:
         t0 = time.thread_time()
         b = SegmentBatch.of(segments)
         lens, offsets, total = b.lens, b.starts, b.num_tokens
-        step_s = self.profile.draft_ms(total) / 1e3
+        step_s = self.profile.draft_ms(total) * self._factor("draft") / 1e3
         self.clock.advance(step_s)
         self.draft_seconds += step_s
         k = self.draft_topk
@@ -141,6 +177,7 @@ class SimEngine:
         rows_paid = a if self.profile.expand_rows == "active" else s
         if depth > 1:
             step_s = self.profile.expand_call_ms(shape, a, rows_paid * w) / 1e3
+            step_s *= self._factor("expand")
             self.clock.advance(step_s)
             self.draft_seconds += step_s
 
@@ -184,6 +221,9 @@ class SimEngine:
         return DraftTrees(tokens, parents, log_f, depths, rank=layout_ranks(n, k))
 
     # ---- internals ---------------------------------------------------------------------
+    def _factor(self, kind: str) -> float:
+        return 1.0 if self.speed is None else self.speed.factor(kind, self.clock())
+
     def _draw_truth(self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray,
                     q: np.ndarray, first: int, depth: int) -> None:  # fmt: skip
         """For parent nodes i64[A, P] whose k children at `depth` (probabilities q f32[A, P, k],

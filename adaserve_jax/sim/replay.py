@@ -32,7 +32,7 @@ from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.scheduler.request import Phase, Request, RequestState
 from adaserve_jax.sim.calibration import Calibration
-from adaserve_jax.sim.engine import SimEngine, VirtualClock
+from adaserve_jax.sim.engine import SimEngine, SpeedTrace, VirtualClock
 from adaserve_jax.sim.profiles import SimProfile
 
 PAPER_SLO_MULTIPLE = {"coding": 1.2, "chat": 50.0 / 30.0, "summarization": 5.0}
@@ -130,8 +130,10 @@ def simulate(
     requests: Sequence[Request],
     arrivals_s: np.ndarray,
     settings: SimSettings = SimSettings(),
+    speed: SpeedTrace | None = None,
 ) -> SimRun:
-    """Replay `requests` at `arrivals_s` (sorted seconds from 0) with `policy`."""
+    """Replay `requests` at `arrivals_s` (sorted seconds from 0) with `policy`; `speed`
+    scales the device calls over time (sim/engine.py)."""
     if len(requests) != len(arrivals_s):
         raise ValueError(f"{len(requests)} requests but {len(arrivals_s)} arrival times")
     arrivals_s = np.asarray(arrivals_s, np.float64)
@@ -146,6 +148,7 @@ def simulate(
         max_len=settings.max_len,
         clock=clock,
         seed=settings.seed,
+        speed=speed,
     )
     finished: list[float] = []
     sched = Scheduler(

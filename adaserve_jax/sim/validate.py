@@ -1,7 +1,7 @@
 """Validate the simulator against a real bench run: same trace, load, sizing and policies.
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
-        [--host-ms MS|measured] [--speed profile|measured|cell]
+        [--host-ms MS|measured] [--speed profile|measured|cell|cell-time|trace]
         [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
@@ -23,7 +23,14 @@ their bucket), and the draft's step and expansion latencies by its `draft_speed`
 `expand_speed` (the same ratio for those calls, where the bench recorded them; else
 `verify_speed`): the machine's speed drifts by tens of percent between minutes, and the
 kinds of call do not slow alike, so this compares the simulator with each replay at the speed
-the machine ran each of its calls.
+the machine ran each of its calls. `--speed cell-time` does the same with the time-weighted
+ratios (`{kind}_time_ratio`: the calls' summed wall time over their summed price, which is what
+scales a replay's total device time; a median ignores its slow tail). `--speed trace` replays
+every round of a cell with that round's per-second `speed_trace` (sim/engine.py `SpeedTrace`):
+a simulated call that begins in second s of the run costs its price times the real calls'
+ratio in second s, so a slow phase in the middle of a real replay slows the same stretch of
+the simulated one. The speeds are inputs (how fast the machine was), the outcomes compared
+(attainment, goodput) are not.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
 from adaserve_jax.sim.calibration import load_calibration
+from adaserve_jax.sim.engine import SpeedTrace
 from adaserve_jax.sim.profiles import load_profile, parse_profile
 from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, tokenized_lengths
 
@@ -89,11 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument(
         "--speed",
-        choices=("profile", "measured", "cell"),
+        choices=("profile", "measured", "cell", "cell-time", "trace"),
         default="profile",
         help="measured: scale the bench profile's latencies by measured / profile baseline "
         "TPOT; cell: by each policy and load's own `verify_speed`, `draft_speed` and "
-        "`expand_speed` (each kind of call's median wall time over the profile's price)",
+        "`expand_speed` (each kind of call's median wall time over the profile's price); "
+        "cell-time: by its time-weighted `*_time_ratio`; trace: every round by its "
+        "per-second `speed_trace`",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
@@ -111,9 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile != "bench" or st.get("baseline") != "measured":
             ap.error("--speed measured needs --profile bench and a --baseline measured run")
         speed = real["baseline_tpot_ms"] / st["profile_baseline_tpot_ms"]
-    per_cell = args.speed == "cell"
-    if per_cell and args.profile != "bench":
-        ap.error("--speed cell needs --profile bench")
+    per_cell = args.speed in ("cell", "cell-time")
+    traced = args.speed == "trace"
+    if (per_cell or traced) and args.profile != "bench":
+        ap.error(f"--speed {args.speed} needs --profile bench")
+    suffix = "_time_ratio" if args.speed == "cell-time" else "_speed"
     if args.profile == "bench":
         profile = _bench_profile(st, host_ms, args.bench_json, speed)
     else:
@@ -148,18 +160,34 @@ def main(argv: list[str] | None = None) -> dict:
                     (requests_at(b), arrival_times_s(entries, b, point["time_scale"]))
                     for b in rs["baseline_tpot_ms"]
                 ]
+            needs = f"verify{suffix}" if per_cell else "speed_trace" if traced else None
+            if needs and rs.get(needs) is None:
+                raise SystemExit(
+                    f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
+                    f"no {needs} (re-run the bench)"
+                )
             if per_cell:
-                if rs.get("verify_speed") is None:
-                    raise SystemExit(
-                        f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
-                        "no verify_speed (re-run the bench)"
-                    )
-                speed = rs["verify_speed"]
+                speed = rs[f"verify{suffix}"]
                 # the draft's calls at their own measured speeds (benches that recorded them)
-                draft_speed, expand_speed = rs.get("draft_speed"), rs.get("expand_speed")
+                draft_speed, expand_speed = rs.get(f"draft{suffix}"), rs.get(f"expand{suffix}")
                 profile = _bench_profile(
                     st, host_ms, args.bench_json, speed, draft_speed, expand_speed
                 )
+            traces: list[SpeedTrace | None] = [None] * len(rounds)
+            if traced:
+                per_round = rs["speed_trace"]
+                n_rounds = len(per_round["verify"])
+                if len(rounds) == 1:
+                    rounds = rounds * n_rounds
+                if n_rounds != len(rounds):
+                    raise SystemExit(
+                        f"error: {args.bench_json}: {policy} at x{point['time_scale']}: "
+                        f"speed_trace has {n_rounds} rounds, the cell {len(rounds)}"
+                    )
+                traces = [
+                    SpeedTrace({kind: rows_[i] for kind, rows_ in per_round.items()})
+                    for i in range(n_rounds)
+                ]
             if measured_host:
                 if rs.get("host_ms_per_iteration") is None:
                     raise SystemExit(
@@ -175,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                     # runs recorded before SLO pacing existed ran without it
                     slo_pacing=bool(st.get("slo_pacing", False)),
                 )  # fmt: skip
-                for reqs, arr in rounds:
-                    sims.append(simulate(profile, cal, policy, reqs, arr, settings).summary)
+                for (reqs, arr), trace in zip(rounds, traces, strict=True):
+                    sims.append(simulate(profile, cal, policy, reqs, arr, settings, trace).summary)
             att = sum(s["attainment"] for s in sims) / len(sims)
             good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
             acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
@@ -221,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench_json": args.bench_json,
         "profile": profile.name,
         "host_ms": "measured" if measured_host else profile.host_ms,
-        "speed": "cell" if per_cell else speed,
+        "speed": args.speed if per_cell or traced else speed,
         "calibration": cal.path,
         "rows": rows,
     }

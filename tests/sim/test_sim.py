@@ -117,6 +117,25 @@ def test_virtual_time_advances_exactly_by_profile(cal):
     assert prof.verify_ms(64) == pytest.approx(30.0 + 25.0 * 63 / 127)
 
 
+def test_speed_trace_scales_each_call_by_the_second_it_begins_in(cal):
+    """With a SpeedTrace the same plain decode steps cost their price x the factor of the
+    second they begin in: 1x in the first virtual second, 3x after it."""
+    from adaserve_jax.sim.engine import SpeedTrace
+
+    prof = paper_profile()
+    clock = VirtualClock()
+    eng = SimEngine(prof, cal, num_slots=4, max_len=256, clock=clock,
+                    speed=SpeedTrace({"verify": [1.0, 3.0]}))  # fmt: skip
+    sched = Scheduler(eng, policy="autoregressive", token_budget=64, clock=clock)
+    sched.submit(Request("a", (1,) * 10, 60))
+    sched.run_until_done()
+    starts = np.cumsum([0.0] + [r.seconds for r in sched.step_log])[:-1]
+    price = np.array([prof.verify_ms(r.tokens) / 1e3 for r in sched.step_log])
+    factor = np.array([r.seconds for r in sched.step_log]) / price
+    np.testing.assert_allclose(factor, np.where(starts < 1.0, 1.0, 3.0), rtol=1e-9)
+    assert (starts >= 1.0).sum() > 5 and (starts < 1.0).sum() > 5
+
+
 def test_speculative_step_time_is_verify_plus_draft(cal):
     prof = paper_profile()
     clock = VirtualClock()
@@ -327,3 +346,18 @@ def test_bench_simulate_flag_delegates(tmp_path, cal):
     argv += ["--num-requests", "6", "--max-output-len", "8", "--json", str(out)]
     result = bench_main(argv)
     assert result["simulated"] is True and json.loads(out.read_text())["policies"]["spec:2"]
+
+
+def test_speed_trace_factors():
+    """A real replay's per-second speeds: a second without calls carries the last measured
+    one (the first measured one before any), past the end the last; a kind never measured
+    falls back to verify's, and with nothing measured every call runs at its price."""
+    from adaserve_jax.sim.engine import SpeedTrace
+
+    tr = SpeedTrace({"verify": [None, 2.0, None, 3.0], "draft": [None, None]})
+    assert [tr.factor("verify", t) for t in (0.5, 1.2, 2.9, 3.0, 99.0)] == [2.0, 2.0, 2.0, 3.0, 3.0]
+    assert tr.factor("draft", 1.5) == 2.0 and tr.factor("expand", 3.5) == 3.0
+    assert SpeedTrace({}).factor("verify", 1.0) == 1.0
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="'verify'"):
+            SpeedTrace({"verify": [1.0, bad]})

@@ -134,3 +134,49 @@ def test_per_run_baselines_set_each_rounds_slos(tmp_path, cal_file):
         (row,) = run(path, cal_file)["rows"]
         att[name] = row["sim_attainment"]
     assert att == {"loose": 1.0, "tight": 0.0}
+
+
+def with_cell_fields(path: Path, policy: str, **fields) -> Path:
+    data = json.loads(path.read_text())
+    data["sweep"][0]["policies"][policy].update(fields)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_cell_time_speed_uses_the_time_weighted_ratios(tmp_path, cal_file):
+    """`--speed cell-time` prices each replay by its `*_time_ratio`, not its median speed."""
+    path = bench_json(tmp_path, {"autoregressive": 0.0}, speed={"autoregressive": 1.0})
+    with_cell_fields(path, "autoregressive", verify_time_ratio=2.0)
+    (row,) = run(path, cal_file, "--speed", "cell-time")["rows"]
+    (median,) = run(path, cal_file, "--speed", "cell")["rows"]
+    assert row["sim_speed"] == 2.0 and median["sim_speed"] == 1.0
+    assert row["sim_tpot_p50_ms"] >= 2 * median["sim_tpot_p50_ms"]  # 2x steps, more queued
+
+
+def test_trace_speed_replays_each_round_at_its_own_speed_over_time(tmp_path, cal_file):
+    """`--speed trace`: every round of a cell is simulated with its own per-second speeds; a
+    round at 2x everywhere at least doubles the simulated TPOT, and two rounds (1x and 2x)
+    pooled land between.
+    A trace whose rounds do not match the cell, or a cell without one, is an error."""
+    tpot = {}
+    cases = {
+        "1x": [[1.0] * 40],
+        "2x": [[2.0] * 40],
+        "both": [[1.0], [2.0]],
+    }
+    for name, rounds in cases.items():
+        path = bench_json(tmp_path, {"autoregressive": 0.0})
+        with_cell_fields(path, "autoregressive", speed_trace={"verify": rounds})
+        (row,) = run(path, cal_file, "--speed", "trace")["rows"]
+        tpot[name] = row["sim_tpot_p50_ms"]
+    assert tpot["2x"] >= 2 * tpot["1x"]
+    assert tpot["1x"] < tpot["both"] < tpot["2x"]
+    path = bench_json(tmp_path, {"autoregressive": 0.0})
+    with pytest.raises(SystemExit, match="speed_trace"):
+        run(path, cal_file, "--speed", "trace")
+    with_cell_fields(path, "autoregressive", repeats=3, speed_trace={"verify": [[1.0], [1.0]]})
+    data = json.loads(path.read_text())
+    data["sweep"][0]["policies"]["autoregressive"]["baseline_tpot_ms"] = [4.0, 4.0, 4.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="2 rounds, the cell 3"):
+        run(path, cal_file, "--speed", "trace")
