@@ -161,7 +161,9 @@ class Engine:
         prof, path = load_or_measure(
             self.target, draft, expander=self.draft, reprofile=reprofile, progress=progress
         )
-        self.latency_profile = LatencyProfile.from_tables(prof.verify_ms, prof.draft_ms)
+        self.latency_profile = LatencyProfile.from_tables(
+            prof.verify_ms, prof.draft_ms, expand_ms=prof.expand_ms
+        )
         self._prices = CallPrices(prof)
         self.baseline_tpot_ms = prof.baseline_tpot_ms
         self.profile_path = path

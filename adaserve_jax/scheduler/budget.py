@@ -9,6 +9,8 @@ The rule (DESIGN.md §4 leaves it open; this is the one we use, `choose_budget_f
 
     candidates  B in profile buckets with n <= B <= the budget left after prefill chunks
     t_iter(B) = verify(B + prefill) + draft + host overhead     (B = n: no draft, see below)
+                (draft: the catch-up step plus the measured expansion call, `expand_call_ms`;
+                without one, depth draft steps; the scheduler computes it, speculative_steps.py)
     E_tot(B)  = sum of the B largest calibrated f over all requests
     feasible    t_iter(B) <= margin * min_r(t_r) * E_tot(B) / n
     choose      argmax over feasible B of E_tot(B) / t_iter(B)    (ties: smaller B)
@@ -34,6 +36,7 @@ Why this rule:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -131,11 +134,16 @@ class LatencyProfile:
     verify: verify (target) step latency per token count.
     draft: one draft expansion step's latency per token count, or None (drafting counted free).
     host_ms: fixed host overhead per iteration (selection, batch building).
+    expand: the draft's measured expansion calls (steps/expand.py: depth - 1 draft steps in
+        one call), per tree shape: ((depth, width, topk), row buckets, ms per bucket) entries,
+        row buckets strictly increasing; () = not measured (`expand_call_ms` returns None and
+        the scheduler prices drafting by the draft table alone).
     """
 
     verify: LatencyCurve
     draft: LatencyCurve | None = None
     host_ms: float = 0.0
+    expand: tuple[tuple[tuple[int, int, int], tuple[int, ...], tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.verify, LatencyCurve):
@@ -144,6 +152,13 @@ class LatencyProfile:
             raise ValueError(f"draft={self.draft!r} must be a LatencyCurve or None")
         if not (math.isfinite(self.host_ms) and self.host_ms >= 0):
             raise ValueError(f"host_ms={self.host_ms} must be finite and >= 0")
+        for shape, rows, ms in self.expand:
+            if len(shape) != 3 or not rows or len(rows) != len(ms):
+                raise ValueError(f"expand entry {shape}: rows {rows} and ms {ms} do not match")
+            if any(b <= a for a, b in zip(rows, rows[1:], strict=False)) or rows[0] < 1:
+                raise ValueError(f"expand entry {shape}: rows {rows} must increase from >= 1")
+            if not all(math.isfinite(x) and x >= 0 for x in ms):
+                raise ValueError(f"expand entry {shape}: ms {ms} must be finite and >= 0")
 
     @classmethod
     def from_tables(
@@ -151,15 +166,33 @@ class LatencyProfile:
         verify_ms: Mapping[int, float],
         draft_ms: Mapping[int, float] | float | None = None,
         host_ms: float = 0.0,
+        expand_ms: Mapping | None = None,
     ) -> LatencyProfile:
-        """`draft_ms` is a {tokens: ms} table per draft step, or a float = ms per draft token."""
+        """`draft_ms` is a {tokens: ms} table per draft step, or a float = ms per draft token;
+        `expand_ms` is {shape: {rows: ms}} with shape "depth,width,topk" (the profiler's
+        keys) or a (depth, width, topk) tuple."""
         if draft_ms is None:
             draft = None
         elif isinstance(draft_ms, Mapping):
             draft = LatencyCurve.from_dict(draft_ms)
         else:
             draft = LatencyCurve.per_token(float(draft_ms))
-        return cls(LatencyCurve.from_dict(verify_ms), draft, float(host_ms))
+        expand = []
+        for key, table in sorted((expand_ms or {}).items(), key=lambda kv: str(kv[0])):
+            shape = tuple(int(x) for x in (key.split(",") if isinstance(key, str) else key))
+            items = sorted((int(r), float(m)) for r, m in table.items())
+            expand.append((shape, tuple(r for r, _ in items), tuple(m for _, m in items)))
+        return cls(LatencyCurve.from_dict(verify_ms), draft, float(host_ms), tuple(expand))
+
+    def expand_call_ms(self, shape, rows: int) -> float | None:
+        """The measured expansion call growing `rows` trees of `shape` (a TreeShape): the
+        smallest row bucket >= rows (the engine pads to it; the largest bucket past them), or
+        None when the profile did not measure this shape."""
+        key = (shape.depth, shape.width, shape.topk)
+        for entry, buckets, ms in self.expand:
+            if entry == key:
+                return ms[min(bisect.bisect_left(buckets, rows), len(buckets) - 1)]
+        return None
 
     @classmethod
     def cpu_reference(cls) -> LatencyProfile:
@@ -183,6 +216,11 @@ class LatencyProfile:
         out: dict = {"verify_ms": table(self.verify), "host_ms": self.host_ms}
         if self.draft is not None:
             out["draft_ms"] = table(self.draft)
+        if self.expand:
+            out["expand_ms"] = {
+                ",".join(map(str, shape)): {str(r): m for r, m in zip(rows, ms, strict=True)}
+                for shape, rows, ms in self.expand
+            }
         return out
 
     @classmethod
@@ -192,6 +230,7 @@ class LatencyProfile:
             {int(t): float(m) for t, m in data["verify_ms"].items()},
             None if draft is None else {int(t): float(m) for t, m in draft.items()},
             float(data.get("host_ms", 0.0)),
+            data.get("expand_ms"),
         )
 
 

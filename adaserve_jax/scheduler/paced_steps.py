@@ -116,8 +116,9 @@ class PacedSteps:
         """With SLO pacing: a speculative exploration waits until every request that can still
         attain its SLO has the slack to absorb it. It is priced at its most: every request's
         whole candidate chain verified (1 + depth tokens each), the draft's catch-up step over
-        its backlog and its depth expansion steps. (Priced at 2 tokens a request it cost a
-        lone 1.2x request its SLO: a 15.7 ms exploration among 4.3 ms steps.)"""
+        its backlog and its expansion (the profile's measured call, else depth - 1 draft
+        steps). (Priced at 2 tokens a request it cost a lone 1.2x request its SLO: a 15.7 ms
+        exploration among 4.3 ms steps.)"""
         if not self._pacing_applies() or self.policy.shape is None:
             return True
         slo, slack, remaining = self._slack(decode)
@@ -128,6 +129,9 @@ class PacedSteps:
         if self.profile.draft is not None:
             lag = self._draft_lag(decode)
             draft = self.profile.draft.latency_ms
-            est += (draft(max(lag, n)) + (depth - 1) * draft(n)) / 1e3
+            expand = self.profile.expand_call_ms(self.policy.shape, n)
+            if expand is None:
+                expand = (depth - 1) * draft(n)
+            est += (draft(max(lag, n)) + expand) / 1e3
         live = cap >= step_s[1]
         return bool(np.all(cap[live] >= est))

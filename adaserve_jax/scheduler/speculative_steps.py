@@ -101,7 +101,7 @@ class SpeculativeSteps:
         out_len = np.array(out_len_l, np.int64)
         adaserve = self.policy.kind is PolicyKind.ADASERVE
         if adaserve:
-            nodes, counts = self._adaserve_select(decode, trees, roster, out_len)
+            nodes, counts = self._adaserve_select(decode, trees, roster, out_len, chains.size)
         else:
             # a fixed tree per request, trimmed evenly when they do not all fit the step
             share = max(1, (self.token_budget - self._prefill_tokens) // n)
@@ -149,11 +149,13 @@ class SpeculativeSteps:
         trees: DraftTrees,
         roster: Roster,
         out_len: np.ndarray,
+        catch_up: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Budget from the latency profile (budget.py), then the two-phase selector.
 
-        roster: the requests' fixed fields; out_len: their output so far. Returns the selected
-        node indices, flat and sorted by (request, node), and the count per request."""
+        roster: the requests' fixed fields; out_len: their output so far; catch_up: tokens in
+        this iteration's draft catch-up chains. Returns the selected node indices, flat and
+        sorted by (request, node), and the count per request."""
         t0 = time.perf_counter()
         shape = self.policy.shape
         n = len(decode)
@@ -177,8 +179,14 @@ class SpeculativeSteps:
         log_f = self.calibrator.apply(parents, trees.log_f[rows], depths, self._rank)
         if self.profile is not None:
             draft_ms = 0.0
-            if self.profile.draft is not None:  # catch-up step + (depth - 1) expansion steps
-                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
+            if self.profile.draft is not None:
+                # the catch-up step over this iteration's chains, then the measured expansion
+                # call; without one, depth draft steps over the frontier's n x width tokens
+                expand_ms = self.profile.expand_call_ms(shape, n)
+                if expand_ms is None:
+                    draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
+                else:
+                    draft_ms = float(self.profile.draft.latency_ms(catch_up)) + expand_ms
             draft_ms += max(self._spec_overrun_ms, 0.0)
             choice = choose_budget_trusted(
                 self.profile,

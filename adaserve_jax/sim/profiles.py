@@ -103,7 +103,11 @@ class SimProfile:
 
     def latency_profile(self) -> LatencyProfile:
         """The scheduler's budget-rule profile (the same tables the real engine would hand it)."""
-        return LatencyProfile(self.verify, self.draft, self.host_ms)
+        expand = tuple(
+            (shape, tuple(rows), tuple(ms))
+            for shape, (rows, ms) in sorted((self.expand_ms or {}).items())
+        )
+        return LatencyProfile(self.verify, self.draft, self.host_ms, expand)
 
 
 def _ms_table(path, label: str, table, key_kind: str) -> dict[int, float]:

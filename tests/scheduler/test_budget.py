@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adaserve_jax.engine.tree import TreeShape
 from adaserve_jax.scheduler.budget import (
     LatencyCurve,
     LatencyProfile,
@@ -99,6 +100,27 @@ def test_profile_validation_and_json_round_trip():
     assert again == prof
     assert prof.buckets == tuple(VERIFY)
     assert LatencyProfile.from_tables(VERIFY, 0.1).draft == LatencyCurve.per_token(0.1)
+
+
+def test_expansion_call_prices():
+    """The measured expansion call of a shape: the smallest row bucket holding the rows (the
+    largest past them); None for a shape the profile did not measure. Survives the JSON
+    round trip; a malformed table is refused."""
+    prof = LatencyProfile.from_tables(
+        VERIFY, {1: 0.5}, expand_ms={"4,1,2": {"1": 2.0, "4": 2.5, "16": 4.0}, (2, 2, 2): {1: 1.0}}
+    )
+    four = TreeShape(depth=4, width=1, topk=2)
+    assert [prof.expand_call_ms(four, r) for r in (1, 2, 4, 5, 16, 40)] == [
+        2.0, 2.5, 2.5, 4.0, 4.0, 4.0,
+    ]  # fmt: skip
+    assert prof.expand_call_ms(TreeShape(depth=2, width=2, topk=2), 3) == 1.0
+    assert prof.expand_call_ms(TreeShape(depth=3, width=1, topk=2), 1) is None
+    assert LatencyProfile.from_tables(VERIFY, {1: 0.5}).expand_call_ms(four, 1) is None
+    again = LatencyProfile.from_json_dict(json.loads(json.dumps(prof.to_json_dict())))
+    assert again == prof and again.expand_call_ms(four, 3) == 2.5
+    for bad in ({"4,1,2": {"4": 1.0, "1": float("nan")}}, {"4,1,2": {"0": 1.0}}):
+        with pytest.raises(ValueError, match="expand entry"):
+            LatencyProfile.from_tables(VERIFY, {1: 0.5}, expand_ms=bad)
 
 
 # ---------------------------------------------------------------- choosing the budget

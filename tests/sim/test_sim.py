@@ -361,3 +361,55 @@ def test_speed_trace_factors():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="'verify'"):
             SpeedTrace({"verify": [1.0, bad]})
+
+
+def test_budget_rule_prices_drafting_with_the_measured_expansion_call(cal, monkeypatch):
+    """AdaServe's budget rule prices an iteration's drafting as the draft step over its
+    catch-up chains plus the profile's expansion call for the shape and rows; a profile
+    without that call (the paper's) prices depth draft steps over n x width tokens."""
+    import dataclasses
+
+    from adaserve_jax.scheduler import speculative_steps
+
+    seen = []
+    inner = speculative_steps.choose_budget_trusted
+
+    def spy(profile, log_f, tightest, **kw):
+        seen.append((log_f.shape[0], kw["draft_ms"]))
+        return inner(profile, log_f, tightest, **kw)
+
+    monkeypatch.setattr(speculative_steps, "choose_budget_trusted", spy)
+    base = paper_profile()
+    catch_up: list[int] = []
+    for with_call in (False, True):
+        prof = base
+        if with_call:
+            probe = Scheduler(SimEngine(base, cal, num_slots=8, max_len=512), policy="adaserve")
+            d, w, k = (probe.policy.shape.depth, probe.policy.shape.width, probe.policy.shape.topk)
+            prof = dataclasses.replace(base, expand_ms={(d, w, k): ((1, 4, 8), (7.0, 9.0, 13.0))})
+        clock = VirtualClock()
+        eng = SimEngine(prof, cal, num_slots=8, max_len=512, clock=clock)
+        sched = Scheduler(eng, policy="adaserve", token_budget=256, clock=clock,
+                          profile=prof.latency_profile())  # fmt: skip
+        for i in range(3):
+            sched.submit(Request(f"r{i}", (1,) * 20, 30, tpot_slo_ms=200.0))
+        seen.clear()
+        catch_up.clear()
+        real_chains = sched._catch_up_chains
+
+        def chains(decode, roster, _real=real_chains):
+            out = _real(decode, roster)
+            catch_up.append(int(out[1].size))
+            return out
+
+        sched._catch_up_chains = chains
+        while len(seen) < 3:
+            sched.step()
+        shape, draft = sched.policy.shape, prof.latency_profile().draft.latency_ms
+        for (n, draft_ms), tokens in zip(seen, catch_up[-len(seen) :], strict=True):
+            assert n == 3
+            if with_call:
+                expect = draft(tokens) + 9.0  # 3 rows: the 4-row bucket
+            else:
+                expect = shape.depth * draft(3 * shape.width)
+            assert draft_ms == pytest.approx(expect, rel=1e-9)
