@@ -82,6 +82,24 @@ def _bench_profile(
     return parse_profile(data, f"{source}: settings.latency_profile")
 
 
+def gap_summary(rows: list[dict]) -> dict:
+    """Per policy and over all rows ("all"): the mean absolute attainment gap (pp), the points
+    within 5 pp and the number of points."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["policy"], []).append(abs(r["attainment_gap_pp"]))
+    groups["all"] = [g for v in list(groups.values()) for g in v]
+    return {
+        name: {
+            "mean_abs_gap_pp": sum(g) / len(g),
+            "within_5pp": sum(x <= 5.0 for x in g),
+            "points": len(g),
+        }
+        for name, g in groups.items()
+        if g
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m adaserve_jax.sim.validate")
     ap.add_argument("bench_json")
@@ -245,12 +263,20 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{rs['tpot_p50_ms'] or 0:.0f} ms sim {tpot:.0f} ms",
                 flush=True,
             )
+    summary = gap_summary(rows)
+    for name, g in summary.items():
+        print(
+            f"{name:<15} mean |attainment gap| {g['mean_abs_gap_pp']:.1f} pp, "
+            f"{g['within_5pp']}/{g['points']} points within 5 pp",
+            flush=True,
+        )
     out = {
         "bench_json": args.bench_json,
         "profile": profile.name,
         "host_ms": "measured" if measured_host else profile.host_ms,
         "speed": args.speed if per_cell or traced else speed,
         "calibration": cal.path,
+        "summary": summary,
         "rows": rows,
     }
     if args.json_out:

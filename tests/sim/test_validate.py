@@ -180,3 +180,17 @@ def test_trace_speed_replays_each_round_at_its_own_speed_over_time(tmp_path, cal
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="2 rounds, the cell 3"):
         run(path, cal_file, "--speed", "trace")
+
+
+def test_gap_summary_per_policy_and_overall():
+    from adaserve_jax.sim.validate import gap_summary
+
+    rows = [
+        {"policy": "a", "attainment_gap_pp": 4.0},
+        {"policy": "a", "attainment_gap_pp": -8.0},
+        {"policy": "b", "attainment_gap_pp": 5.0},
+    ]
+    s = gap_summary(rows)
+    assert s["a"] == {"mean_abs_gap_pp": 6.0, "within_5pp": 1, "points": 2}
+    assert s["b"] == {"mean_abs_gap_pp": 5.0, "within_5pp": 1, "points": 1}
+    assert s["all"] == {"mean_abs_gap_pp": 17.0 / 3, "within_5pp": 2, "points": 3}
