@@ -39,35 +39,3 @@ def greedy_reference(model: Model, prompt: list[int], n: int, pad_to: int = 256)
         logits = fwd(model.params, jnp.asarray(buf))
         ids.append(int(np.argmax(np.asarray(logits[0, len(ids) - 1]))))
     return ids[len(prompt) :]
-
-
-def check_catch_up_chains(sched) -> dict:
-    """Make every `_catch_up_chains` call of scheduler `sched` also read the chains from the
-    requests (`_read_chains`) and compare them with what it returned; returns counters of
-    the calls that used chains carried from the acceptance walk and of those that read them
-    (plus `reused`: carried chains that skipped draft-cached tokens)."""
-    seen = {"carried": 0, "read": 0, "reused": 0}
-    inner = sched._catch_up_chains
-    last = {}  # the previous call's roster and output lengths
-
-    def both(decode, roster):
-        nxt = sched._next_chains
-        carried = nxt is not None and nxt.iteration == sched.iterations and nxt.roster is roster
-        out = inner(decode, roster)
-        want = sched._read_chains(decode, roster)
-        seen["carried" if carried else "read"] += 1
-        if carried and last.get("roster") is roster:  # chunk = tokens appended since then
-            chunk = np.asarray(nxt.out_len) - np.asarray(last["out_len"])
-            seen["reused"] += bool((np.asarray(nxt.lens) < chunk).any())
-        last.update(roster=roster, out_len=want[5])
-        assert [(s.slot, s.ctx_len, s.tokens.tolist()) for s in out[0]] == [
-            (s.slot, s.ctx_len, s.tokens.tolist()) for s in want[0]
-        ]
-        assert out[1].dtype == want[1].dtype == np.int32
-        for a, b in zip(out[1:], want[1:], strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert out[4] == want[4] and out[5] == want[5]  # plain lists
-        return out
-
-    sched._catch_up_chains = both
-    return seen

@@ -154,8 +154,6 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         self.calibrator = AcceptanceCalibrator()
         # what `_speculate` sent to verify this step, for `_commit_trees` (speculative_steps.py)
         self._verify: VerifyPlan | None = None
-        # the next iteration's draft catch-up chains, cut by the acceptance walk
-        self._next_chains: NextChains | None = None
         self._roster: Roster | None = None  # the decoding requests' fixed fields, as arrays
         self._slack_memo: tuple | None = None  # (iteration, decode list, `_slack` of it)
         self._rank = np.zeros((0, 0), np.int32)

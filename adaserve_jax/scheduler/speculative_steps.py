@@ -45,21 +45,6 @@ class VerifyPlan(NamedTuple):
     in_cache: np.ndarray | None  # bool[K]: the draft cache holds the node's K/V
 
 
-class NextChains(NamedTuple):
-    """The draft's catch-up chains of the next iteration, as the acceptance walk leaves them
-    (`_commit_trees`): valid for iteration `iteration` on roster `roster` only (the same
-    decoding requests, nothing else appended to them)."""
-
-    iteration: int
-    roster: Roster
-    chains: np.ndarray  # i32: every request's chain, flat
-    lens: np.ndarray  # i64[n]
-    ends: np.ndarray  # i64[n]
-    behind: list[int]  # draft_cached per request: where its chain starts
-    cached: list[int]  # KV rows per request
-    out_len: list[int]  # output tokens per request
-
-
 class SpeculativeSteps:
     """Speculative iterations for `Scheduler` (see the module docstring)."""
 
@@ -68,17 +53,7 @@ class SpeculativeSteps:
         cache lacks, up to and including the pending token (the next tree's root).
 
         Returns (segments, flat tokens i32, chain lengths, chain ends, cached list, output
-        lengths list). Right after a speculative iteration in which no request finished (so
-        every one appended its whole chunk), the acceptance walk has already cut them
-        (`NextChains`); else they are read from the requests (`_read_chains`)."""
-        nxt, self._next_chains = self._next_chains, None
-        if nxt is not None and nxt.iteration == self.iterations and nxt.roster is roster:
-            segs = segments(roster.slots, nxt.behind, nxt.chains, None, nxt.ends)
-            return segs, nxt.chains, nxt.lens, nxt.ends, nxt.cached, nxt.out_len
-        return self._read_chains(decode, roster)
-
-    def _read_chains(self, decode: list[RequestState], roster: Roster):
-        """`_catch_up_chains` read from every request's state (one pass over them)."""
+        lengths list)."""
         cached_l, behind_l, out_len_l = [], [], []
         catch_up: list[int] = []
         for r, p in zip(decode, roster.prompt_len, strict=True):
@@ -294,11 +269,11 @@ class SpeculativeSteps:
         # the draft's next catch-up starts after the pending token and, when its K/V came
         # from the draft tree, after the accepted path's leading in-cache nodes (already at
         # their committed rows)
-        run = None
+        run_l = [1] * n_req
         if in_cache is not None:
             along = np.zeros((n_req, int(step.max(initial=0)) + 1), bool)
             along[path_rows, step - 1] = in_cache[on_path]
-            run = np.logical_and.accumulate(along, axis=1).sum(axis=1) + 1
+            run_l = (np.logical_and.accumulate(along, axis=1).sum(axis=1) + 1).tolist()
         # emitted per request: its path's tokens, then the bonus token (the target's token at
         # the path's last node)
         ends = (path_len + 1).cumsum()
@@ -309,42 +284,11 @@ class SpeculativeSteps:
         emitted[np.repeat(ends - path_len - 1, path_len) + step - 1] = tokens[on_path]
         emitted[ends - 1] = target[last]
         plain = self._plain_chunks(roster, out_len, path_len + 1, emitted, ends)
-        run_l = [1] * n_req if run is None else run.tolist()
-        running = len(self.running)
         self._commit_requests(
             decode, path_len.tolist(), lens.tolist(), cached_l, run_l, plan.drafted,
             emitted.tolist(), ends.tolist(), plain, now,
         )  # fmt: skip
-        # nobody finished, so every request appended its whole chunk (a finish rule that
-        # does not fire keeps every token): the next catch-up chains are known
-        if len(self.running) == running:
-            self._next_chains = self._chains_after(plan, path_len, run, emitted, ends)
         return int(on_path.size)
-
-    def _chains_after(
-        self,
-        plan: VerifyPlan,
-        path_len: np.ndarray,
-        run: np.ndarray | None,
-        emitted: np.ndarray,
-        ends: np.ndarray,
-    ) -> NextChains:
-        """The next iteration's catch-up chains when every request appended its chunk of
-        `emitted` (accepted path + bonus token) whole and none finished: each chunk past the `run - 1` leading
-        tokens the draft cache already holds (`_read_chains` of the committed state)."""
-        chunk = path_len + 1
-        cached = np.asarray(plan.cached, np.int64)
-        chains, lens, behind = emitted, chunk, cached + 1
-        if run is not None and (run > 1).any():
-            skip = run - 1
-            lens, behind = chunk - skip, cached + run
-            starts = ends - chunk
-            at = np.arange(emitted.size) - np.repeat(starts, chunk)  # index within its chunk
-            chains = emitted[at >= np.repeat(skip, chunk)]
-        return NextChains(
-            self.iterations + 1, plan.roster, chains.astype(np.int32), lens, lens.cumsum(),
-            behind.tolist(), (cached + chunk).tolist(), (plan.out_len + chunk).tolist(),
-        )  # fmt: skip
 
     def _plain_chunks(
         self,
