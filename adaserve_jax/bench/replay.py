@@ -277,6 +277,7 @@ def run_sweep(
     order: str = "alternate",
     rebaseline: Callable[[], float] | None = None,
     requests_for: Callable[[float], Sequence[Request]] | None = None,
+    rebaseline_every: str = "run",
 ) -> list[dict]:
     """Every policy at every time scale; returns [{time_scale, offered_rps, policies}].
 
@@ -298,7 +299,10 @@ def run_sweep(
     (`requests_for(baseline)`: SLOs = the categories' multiples of it) and arrivals (scaled
     by it) are built from it, so every policy is judged against the machine's speed when it
     ran (this shared CPU's speed drifts by tens of percent between minutes). Each summary
-    records its rounds' `"baseline_tpot_ms"` (a list).
+    records its rounds' `"baseline_tpot_ms"` (a list). `rebaseline_every="load"`: measured
+    once right before each time scale instead, and every policy and round at that scale
+    gets the same requests and arrivals (the point records its `"baseline_tpot_ms"`), so the
+    policies at one load are compared on equal terms at the machine's speed of that stretch.
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"{repeats=} must be an int >= 1")
@@ -306,11 +310,21 @@ def run_sweep(
         raise ValueError(f"{order=} must be one of {SWEEP_ORDERS}")
     if (rebaseline is None) != (requests_for is None):
         raise ValueError("rebaseline and requests_for go together")
+    if rebaseline_every not in ("run", "load"):
+        raise ValueError(f"{rebaseline_every=} must be 'run' or 'load'")
+    per_load = rebaseline is not None and rebaseline_every == "load"
+    per_run = rebaseline is not None and not per_load
     out = []
     baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     for scale in time_scales:
+        point_requests = requests
+        if per_load:
+            baseline = float(rebaseline())
+            point_requests = requests_for(baseline)
         arrivals = arrival_times_s(list(entries), baseline, scale)
         point = {"time_scale": scale, "offered_rps": offered_rps(arrivals), "policies": {}}
+        if per_load:
+            point["baseline_tpot_ms"] = baseline
         raws: dict[str, list[_Raw]] = {p: [] for p in policies}
         for rnd in range(repeats):
             reverse = order == "alternate" and rnd % 2 == 1
@@ -319,8 +333,8 @@ def run_sweep(
                     continue
                 desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")
                 try:
-                    reqs, arr, base = requests, arrivals, None
-                    if rebaseline is not None:
+                    reqs, arr, base = point_requests, arrivals, None
+                    if per_run:
                         base = float(rebaseline())
                         reqs = requests_for(base)
                         arr = arrival_times_s(list(entries), base, scale)

@@ -169,10 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     requests = requests_at(baseline)
     rows = []
     for point in real["sweep"]:
-        arrivals = arrival_times_s(entries, baseline, point["time_scale"])
+        # `--baseline per-load` benches: each load had its own baseline (SLOs, arrivals)
+        b = point.get("baseline_tpot_ms", baseline)
+        arrivals = arrival_times_s(entries, b, point["time_scale"])
+        point_requests = requests if b == baseline else requests_at(b)
         for policy, rs in point["policies"].items():
             # `--baseline per-run` benches: every round had its own baseline (SLOs, arrivals)
-            rounds = [(requests, arrivals)]
+            rounds = [(point_requests, arrivals)]
             if isinstance(rs.get("baseline_tpot_ms"), list):
                 rounds = [
                     (requests_at(b), arrival_times_s(entries, b, point["time_scale"]))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import adaserve_jax.bench.replay as replay_module
 from adaserve_jax import ModelConfig
 from adaserve_jax.bench.__main__ import main
 from adaserve_jax.bench.replay import build_requests, run_sweep
@@ -252,3 +253,51 @@ def test_sweep_per_run_baselines_rebuild_each_replay(tmp_path):
     with pytest.raises(ValueError, match="go together"):
         run_sweep(engine, entries, requests, ["autoregressive"], [0.01], progress=False,
                   rebaseline=lambda: 2.0)  # fmt: skip
+
+
+def test_sweep_per_load_baselines_are_shared_by_the_loads_replays(tmp_path):
+    """`rebaseline_every="load"`: one baseline per time scale, measured before its replays;
+    every round (and policy) at that scale replays the same requests and arrivals, and the
+    point records the baseline (its SLOs: the categories' multiples of it)."""
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    entries = load_workload(workload)
+    engine = FakeEngine()
+    bases = iter([2.0, 3.0])
+    built = []
+
+    def requests_for(b):
+        built.append(b)
+        return build_requests(engine, entries, max_output_len=5, max_prompt_len=8,
+                              baseline_tpot_ms=b)  # fmt: skip
+
+    seen = []
+    inner = replay_module.replay
+
+    def spy(engine_, policy, reqs, arr, **kw):
+        seen.append((policy, reqs[0].tpot_slo_ms, float(arr[-1])))
+        return inner(engine_, policy, reqs, arr, **kw)
+
+    requests = requests_for(1.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replay_module, "replay", spy)
+        sweep = run_sweep(
+            engine, entries, requests, ["autoregressive"], [0.01, 0.02], progress=False,
+            log=lambda *a, **k: None, repeats=2, rebaseline=lambda: next(bases),
+            requests_for=requests_for, rebaseline_every="load",
+        )  # fmt: skip
+    assert built == [1.0, 2.0, 3.0]
+    assert [pt["baseline_tpot_ms"] for pt in sweep] == [2.0, 3.0]
+    assert len(seen) == 4  # 2 loads x 2 rounds, load by load
+    for i, (pt, b) in enumerate(zip(sweep, (2.0, 3.0), strict=True)):
+        arr = arrival_times_s(entries, b, pt["time_scale"])
+        want = (requests_for(b)[0].tpot_slo_ms, pytest.approx(float(arr[-1])))
+        assert all(x[1:] == want for x in seen[2 * i : 2 * i + 2])
+        assert pt["offered_rps"] == pytest.approx(offered_rps(arr))
+        for s in pt["policies"].values():
+            assert "baseline_tpot_ms" not in s and s["requests"] == 12  # 2 rounds x 6
+    with pytest.raises(ValueError, match="rebaseline_every"):
+        run_sweep(
+            engine, entries, requests, ["autoregressive"], [0.01], progress=False,
+            rebaseline=lambda: 2.0, requests_for=requests_for, rebaseline_every="policy",
+        )  # fmt: skip

@@ -194,3 +194,17 @@ def test_gap_summary_per_policy_and_overall():
     assert s["a"] == {"mean_abs_gap_pp": 6.0, "within_5pp": 1, "points": 2}
     assert s["b"] == {"mean_abs_gap_pp": 5.0, "within_5pp": 1, "points": 1}
     assert s["all"] == {"mean_abs_gap_pp": 17.0 / 3, "within_5pp": 2, "points": 3}
+
+
+def test_per_load_baseline_sets_the_points_slos(tmp_path, cal_file):
+    """A `--baseline per-load` bench records each load's baseline on its point; the simulator
+    replays that load at it: loose, every SLO met; tight, none."""
+    att = {}
+    for name, base in (("loose", 40.0), ("tight", 0.5)):
+        path = bench_json(tmp_path, {"autoregressive": 0.0})
+        data = json.loads(path.read_text())
+        data["sweep"][0]["baseline_tpot_ms"] = base
+        path.write_text(json.dumps(data))
+        (row,) = run(path, cal_file)["rows"]
+        att[name] = row["sim_attainment"]
+    assert att == {"loose": 1.0, "tight": 0.0}
