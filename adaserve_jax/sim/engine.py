@@ -69,12 +69,12 @@ class SpeedTrace:
         self._rows: dict[str, np.ndarray] = {}
         for kind, values in per_kind.items():
             row = np.array([np.nan if v is None else float(v) for v in values], np.float64)
-            bad = row[~np.isnan(row)]
-            if bad.size and not (np.isfinite(bad).all() and bad.min() > 0):
+            measured = row[~np.isnan(row)]
+            if measured.size and not (np.isfinite(measured).all() and measured.min() > 0):
                 raise ValueError(f"speed trace {kind!r}: factors must be finite and > 0")
-            if np.isnan(row).all():
+            if not measured.size:
                 continue
-            first = row[~np.isnan(row)][0]
+            first = measured[0]
             for i in range(row.size):  # carry the last measured second forward
                 if np.isnan(row[i]):
                     row[i] = row[i - 1] if i else first

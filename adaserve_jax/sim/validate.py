@@ -205,10 +205,16 @@ def main(argv: list[str] | None = None) -> dict:
                         f"error: {args.bench_json}: {policy} at x{point['time_scale']}: "
                         f"speed_trace has {n_rounds} rounds, the cell {len(rounds)}"
                     )
-                traces = [
-                    SpeedTrace({kind: rows_[i] for kind, rows_ in per_round.items()})
-                    for i in range(n_rounds)
-                ]
+                try:
+                    traces = [
+                        SpeedTrace({kind: rows_[i] for kind, rows_ in per_round.items()})
+                        for i in range(n_rounds)
+                    ]
+                except (ValueError, TypeError, IndexError, KeyError) as exc:
+                    raise SystemExit(
+                        f"error: {args.bench_json}: {policy} at x{point['time_scale']}: "
+                        f"field speed_trace: {exc}"
+                    ) from None
             if measured_host:
                 if rs.get("host_ms_per_iteration") is None:
                     raise SystemExit(

@@ -180,6 +180,10 @@ def test_trace_speed_replays_each_round_at_its_own_speed_over_time(tmp_path, cal
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="2 rounds, the cell 3"):
         run(path, cal_file, "--speed", "trace")
+    bad = bench_json(tmp_path, {"autoregressive": 0.0})
+    with_cell_fields(bad, "autoregressive", speed_trace={"verify": [[1.0, -2.0]]})
+    with pytest.raises(SystemExit, match="bench.json: autoregressive at x2.0: field speed_trace"):
+        run(bad, cal_file, "--speed", "trace")
 
 
 def test_gap_summary_per_policy_and_overall():
