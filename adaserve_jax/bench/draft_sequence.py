@@ -24,6 +24,8 @@ from adaserve_jax.bench.speculation import ROOT
 from adaserve_jax.engine.profiler import (
     calls_before_expansion,
     expand_call,
+    expansion_shapes,
+    low_quantile_ms,
     step_call,
     time_calls,
     verify_step_before,
@@ -32,8 +34,8 @@ from adaserve_jax.engine.profiler import (
 
 def _times_ms(call, repeats: int, before=None) -> dict:
     """{"low": the profiler's low quantile, "median"} of `repeats` timed calls (ms)."""
-    times = [x * 1e3 for x in time_calls(call, repeats, before)]
-    return {"low": statistics.quantiles(times, n=5)[0], "median": statistics.median(times)}
+    times = time_calls(call, repeats, before)
+    return {"low": low_quantile_ms(times), "median": statistics.median(times) * 1e3}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             "target_after_draft": _times_ms(v, args.repeats, before=d),
         }
         rows_out.append(row)
-    for shape in [s for s in expander.shapes if s.depth > 1]:
+    for shape in expansion_shapes(expander):
         for r in args.rows:
             call = expand_call(expander, shape, r, context)
             before = calls_before_expansion(target, expander, shape, r, context)

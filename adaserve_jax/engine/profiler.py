@@ -186,7 +186,7 @@ def time_calls(call, repeats: int, before=None) -> list[float]:
     return times
 
 
-def _low_quantile_ms(times: list[float]) -> float:
+def low_quantile_ms(times: list[float]) -> float:
     """ms of a low quantile of `times` (s): other processes on the machine only ever add time."""
     return float(statistics.quantiles(times, n=5)[0]) * 1e3 if len(times) >= 5 else min(times) * 1e3
 
@@ -220,7 +220,7 @@ def measure_profile(
     context = min(context, target.max_len - max(target.token_buckets))
     verify = {}
     for t in tqdm(target.token_buckets, desc="profile verify step", disable=not progress):
-        verify[t] = _low_quantile_ms(time_calls(step_call(target, t, context, "sample"), repeats))
+        verify[t] = low_quantile_ms(time_calls(step_call(target, t, context, "sample"), repeats))
 
     # The draft's calls are timed as they run in serving, where a speculative iteration goes
     # verify -> draft step -> expansion -> verify: each draft step right after a target step
@@ -234,7 +234,7 @@ def measure_profile(
         for t in tqdm(draft.token_buckets, desc="profile draft step", disable=not progress):
             call = step_call(draft, t, context, "topk_last")
             before = verify_step_before(target, t, context)
-            draft_ms[t] = _low_quantile_ms(time_calls(call, repeats, before))
+            draft_ms[t] = low_quantile_ms(time_calls(call, repeats, before))
     expand = None
     shapes = expansion_shapes(expander)
     if shapes:
@@ -243,7 +243,7 @@ def measure_profile(
         for shape, r in tqdm(combos, desc="profile draft expansion", disable=not progress):
             call = expand_call(expander, shape, r, context)
             before = calls_before_expansion(target, expander, shape, r, context)
-            expand.setdefault(shape_key(shape), {})[r] = _low_quantile_ms(
+            expand.setdefault(shape_key(shape), {})[r] = low_quantile_ms(
                 time_calls(call, repeats, before)
             )
     _monotone(verify)

@@ -95,19 +95,21 @@ class SimProfile:
         """One expansion call growing `shape` trees for `active` requests: the measured call
         of the smallest row bucket >= `active` (the largest past it) when the profile has
         this shape, else `depth - 1` draft steps over `tokens` (rows x width) tokens."""
-        table = (self.expand_ms or {}).get((shape.depth, shape.width, shape.topk))
-        if table is not None:
-            rows, ms = table
-            return ms[min(int(np.searchsorted(rows, active)), len(rows) - 1)]
-        return (shape.depth - 1) * self.draft_ms(tokens)
+        measured = self.latency_profile().expand_call_ms(shape, active)
+        return (shape.depth - 1) * self.draft_ms(tokens) if measured is None else measured
 
     def latency_profile(self) -> LatencyProfile:
-        """The scheduler's budget-rule profile (the same tables the real engine would hand it)."""
-        expand = tuple(
-            (shape, tuple(rows), tuple(ms))
-            for shape, (rows, ms) in sorted((self.expand_ms or {}).items())
-        )
-        return LatencyProfile(self.verify, self.draft, self.host_ms, expand)
+        """The scheduler's budget-rule profile (the same tables the real engine would hand it;
+        built once)."""
+        prof = self._cache.get("latency_profile")
+        if prof is None:
+            expand = tuple(
+                (shape, tuple(rows), tuple(ms))
+                for shape, (rows, ms) in sorted((self.expand_ms or {}).items())
+            )
+            prof = LatencyProfile(self.verify, self.draft, self.host_ms, expand)
+            self._cache["latency_profile"] = prof
+        return prof
 
 
 def _ms_table(path, label: str, table, key_kind: str) -> dict[int, float]:
