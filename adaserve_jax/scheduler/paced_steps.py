@@ -12,7 +12,12 @@ import time
 
 import numpy as np
 
-from adaserve_jax.scheduler.pacing import StepTimes, gate_prompts, pace_step, step_caps
+from adaserve_jax.scheduler.pacing import (
+    StepTimes,
+    gate_prompts_trusted,
+    pace_step_trusted,
+    step_caps,
+)
 from adaserve_jax.scheduler.policy import PolicyKind
 from adaserve_jax.scheduler.request import RequestState
 from adaserve_jax.scheduler.roster import tpot_slo_s
@@ -47,7 +52,7 @@ class PacedSteps:
         slo, slack, remaining = self._slack(decode)
         step_s = self._step_times().seconds()
         skipped = np.array([r.skipped for r in decode], np.int64)
-        choice = pace_step(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
+        choice = pace_step_trusted(slack, slo, remaining, skipped, step_s, max_skips=self.max_skips)
         # (the gate never holds back a prompt with a TTFT SLO, so the floor is known before it)
         floor = max(self.prefill_floor, self._ttft_prompt_tokens(prefilling))
         limit = max(choice.max_tokens, int(choice.include.sum()) + floor)
@@ -80,7 +85,7 @@ class PacedSteps:
         gated = [r for r in prefilling if r.request.ttft_slo_ms is None]
         if not gated:
             return prefilling
-        ok = gate_prompts(
+        ok = gate_prompts_trusted(
             slack,
             slo,
             remaining,

@@ -83,24 +83,42 @@ def pace_step(
     carried (`step_s[k]` for k tokens; non-decreasing; K = the most tokens a step may carry, >= n).
     """
     slack = np.asarray(slack_s, np.float64)
-    slo = np.asarray(slo_s, np.float64)
     n = slack.shape[0]
     step = np.asarray(step_s, np.float64)
     if step.ndim != 1 or step.shape[0] < n + 1:
         raise ValueError(f"step_s has {step.shape} entries, needs >= n + 1 = {n + 1}")
     if np.any(np.diff(step[1:]) < 0):
         raise ValueError("step_s must be non-decreasing")
+    return pace_step_trusted(
+        slack, np.asarray(slo_s, np.float64), np.asarray(remaining, np.int64),
+        np.asarray(skipped, np.int64), step, max_skips=max_skips, margin=margin,
+    )  # fmt: skip
+
+
+def pace_step_trusted(
+    slack: np.ndarray,
+    slo: np.ndarray,
+    remaining: np.ndarray,
+    skipped: np.ndarray,
+    step: np.ndarray,
+    *,
+    max_skips: int = 4,
+    margin: float = NOISE_MARGIN,
+) -> PacingChoice:
+    """`pace_step` without its input checks, for the scheduler's hot path (one to four calls
+    an iteration under load): f64 slack and SLOs, i64 remaining and skipped, and a step table
+    valid by construction (`StepTimes.seconds()`: non-decreasing, > n entries)."""
+    n = slack.shape[0]
     budget = step.shape[0] - 1
     if n == 0:
         return PacingChoice(np.zeros(0, bool), budget, 0)
     cap = step_caps(slack, slo, remaining, margin)
-    forced = np.asarray(skipped) >= max_skips
     # fast path: everyone in, and the step stays short enough for all who can be on track
-    t_all = step[n]
-    if np.all((cap >= t_all) | (cap < step[1])):
-        track = cap >= t_all
+    track = cap >= step[n]
+    if np.all(track | (cap < step[1])):
         limit = cap[track].min(initial=np.inf)
         return PacingChoice(np.ones(n, bool), _fill_to(step, n, limit), int(track.sum()))
+    forced = skipped >= max_skips
     t = step[1 : n + 1][:, None]  # [n, 1] step time by size k = 1..n
     can_in = cap[None, :] >= t  # [k, n]
     can_out = cap[None, :] >= 2 * t
@@ -147,56 +165,79 @@ def gate_prompts(
     base_on_track: `pace_step(slack_s, slo_s, remaining, no skips, step_s).on_track` when the
     caller has it already (computed here otherwise).
     """
-    slack = np.asarray(slack_s, np.float64)
-    slo = np.asarray(slo_s, np.float64)
-    rem = np.asarray(remaining, np.int64)
-    new_slo = np.asarray(new_slo_s, np.float64)
-    new_rem = np.asarray(new_remaining, np.int64)
-    m, room = new_slo.shape[0], len(step_s) - 1 - slack.shape[0]
+    step = np.asarray(step_s, np.float64)
+    if step.ndim != 1 or step.shape[0] < 2:
+        raise ValueError(f"step_s has {step.shape} entries, needs >= 2")
+    if np.any(np.diff(step[1:]) < 0):
+        raise ValueError("step_s must be non-decreasing")
+    return gate_prompts_trusted(
+        np.asarray(slack_s, np.float64), np.asarray(slo_s, np.float64),
+        np.asarray(remaining, np.int64), step, np.asarray(new_slo_s, np.float64),
+        np.asarray(new_remaining, np.int64), margin=margin, base_on_track=base_on_track,
+    )  # fmt: skip
+
+
+def gate_prompts_trusted(
+    slack: np.ndarray,
+    slo: np.ndarray,
+    rem: np.ndarray,
+    step_s: np.ndarray,
+    new_slo: np.ndarray,
+    new_rem: np.ndarray,
+    *,
+    margin: float = NOISE_MARGIN,
+    base_on_track: int | None = None,
+) -> np.ndarray:
+    """`gate_prompts` without its input checks, for the scheduler's hot path: f64 slack and
+    SLOs, i64 remaining tokens, and a step table valid by construction (`StepTimes.seconds()`)."""
+    n0, m = slack.shape[0], new_slo.shape[0]
+    room = step_s.shape[0] - 1 - n0
     ok = np.zeros(m, bool)
     if m == 0 or room <= 0:
         return ok
-    n_all = slack.shape[0] + min(m, room)
+    n_all = n0 + min(m, room)
     cap = step_caps(slack, slo, rem, margin)
     all_cap = np.concatenate([cap, new_slo[:room]])
     t_all = step_s[n_all]
     if np.all((all_cap >= t_all) | (all_cap < step_s[1])) and np.all(new_slo[:room] >= t_all):
         ok[:room] = True  # everyone fits in every step: nobody waits
         return ok
-    skipped = np.zeros(slack.shape[0], np.int64)
+    # the decoding requests, then the prompts let in so far (slack 0, no skips), then the trial
+    slack_t = np.zeros(n_all)
+    slo_t = np.empty(n_all)
+    rem_t = np.empty(n_all, np.int64)
+    skipped = np.zeros(n_all, np.int64)
+    slack_t[:n0], slo_t[:n0], rem_t[:n0] = slack, slo, rem
     base = base_on_track
     if base is None:
-        base = (
-            pace_step(slack, slo, rem, skipped, step_s, margin=margin).on_track if slack.size else 0
-        )
+        base = pace_step_trusted(slack, slo, rem, skipped[:n0], step_s, margin=margin).on_track
     # A prompt joins with slack 0, so its cap is its SLO whatever its length (`step_caps`),
     # and the most requests on track (pace_step's optimum) never falls as one request's cap
     # grows. So once a prompt is turned away, so is every later prompt whose SLO is no larger
     # (and still at least a one-token step) until another prompt is let in: one trial per
-    # SLO class and admission instead of one per waiting prompt (under overload dozens wait,
-    # ~0.1 ms a trial).
+    # SLO class and admission instead of one per waiting prompt (under overload dozens wait).
+    one_token = float(step_s[1])
     turned_away = -np.inf  # the largest SLO turned away since the last admission
-    for j in range(m):
-        if slack.shape[0] >= len(step_s) - 1:
+    n = n0  # requests in the step so far; the trial is entry n
+    for j, (s_j, r_j) in enumerate(zip(new_slo.tolist(), new_rem.tolist(), strict=True)):
+        if n >= n_all:
             break
-        if step_s[1] <= new_slo[j] <= turned_away:
+        if one_token <= s_j <= turned_away:
             continue
-        trial = (
-            np.append(slack, 0.0),
-            np.append(slo, new_slo[j]),
-            np.append(rem, new_rem[j]),
-        )
-        got = pace_step(*trial, np.append(skipped, 0), step_s, margin=margin).on_track
+        slo_t[n], rem_t[n] = s_j, r_j
+        got = pace_step_trusted(
+            slack_t[: n + 1], slo_t[: n + 1], rem_t[: n + 1], skipped[: n + 1], step_s,
+            margin=margin,
+        ).on_track  # fmt: skip
         # one more on track; a request that cannot attain its SLO even alone comes in when it
         # costs nobody theirs
-        if got >= base + (1 if new_slo[j] >= step_s[1] else 0):
+        if got >= base + (1 if s_j >= one_token else 0):
             ok[j] = True
-            slack, slo, rem = trial
-            skipped = np.append(skipped, 0)
+            n += 1
             base = got
             turned_away = -np.inf
         else:
-            turned_away = max(turned_away, float(new_slo[j]))
+            turned_away = max(turned_away, s_j)
     return ok
 
 
@@ -264,6 +305,6 @@ class StepTimes:
 
 
 def _fill_to(step: np.ndarray, k: int, limit: float) -> int:
-    """The most tokens a step with `k` decoding requests may carry within `limit` seconds."""
-    fits = np.flatnonzero(step[k:] <= limit)
-    return k + int(fits[-1]) if fits.size else k
+    """The most tokens a step with `k` decoding requests may carry within `limit` seconds
+    (`step` is non-decreasing from index 1, so the entries within it are a prefix of step[k:])."""
+    return k + max(int(np.searchsorted(step[k:], limit, side="right")) - 1, 0)

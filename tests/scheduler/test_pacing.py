@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mock_engine import MockEngine
@@ -64,6 +65,21 @@ def test_a_request_that_sat_out_max_skips_steps_is_always_in():
     ]
     forced = pace_step(slack, slo, np.full(2, 9), np.array([0, 4]), STEEP, max_skips=4)
     assert forced.include[1]
+
+
+def test_a_bad_step_table_is_refused_with_the_field_named():
+    # the public entry points check the table; the scheduler's trusted paths build it valid
+    slo, rem = np.array([4.8e-3]), np.array([10])
+    falling = STEEP.copy()
+    falling[3] = 1e-3
+    with pytest.raises(ValueError, match="step_s must be non-decreasing"):
+        pace_step(np.zeros(1), slo, rem, np.zeros(1), falling)
+    with pytest.raises(ValueError, match="step_s has"):
+        pace_step(np.zeros(3), np.full(3, 4.8e-3), np.full(3, 9), np.zeros(3), STEEP[:3])
+    with pytest.raises(ValueError, match="step_s must be non-decreasing"):
+        gate_prompts(np.zeros(1), slo, rem, falling, np.array([4.8e-3]), np.array([9]))
+    with pytest.raises(ValueError, match="step_s has"):
+        gate_prompts(np.zeros(0), slo[:0], rem[:0], STEEP[:1], np.array([4.8e-3]), np.array([9]))
 
 
 @settings(max_examples=300, deadline=None)
