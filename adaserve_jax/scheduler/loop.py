@@ -46,7 +46,7 @@ from adaserve_jax.scheduler.policy import (
 )
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
 from adaserve_jax.scheduler.roster import Roster
-from adaserve_jax.scheduler.segments import roots
+from adaserve_jax.scheduler.segments import chain_segments, roots
 from adaserve_jax.scheduler.speculative_steps import SpeculativeSteps, VerifyPlan
 
 TokenCallback = Callable[[RequestState, list[int]], None]
@@ -163,20 +163,24 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         # (steps/expand.py) and catches every accepted token up (for tests)
         self.reuse_draft_kv = True
         # adaserve: after a roots-only budget choice the next iterations skip the draft model
-        # entirely (plain decoding, no drafting cost); after `_explore_gap` such iterations
-        # (or sooner, when the draft's catch-up would grow past half the budget) one
+        # entirely (plain decoding, no drafting cost); after `_explore_gap` such iterations one
         # speculative iteration re-checks the choice with fresh trees. The gap starts at
         # `explore_every` and doubles (up to `explore_max`) while explorations keep choosing
-        # roots only, so a machine where speculation does not pay wastes little on drafting
-        # While the draft is off its cache falls behind by a token per request and iteration;
-        # once the catch-up would pass half the budget, the next roots-only iteration also
-        # runs the draft over it (a draft step, no expansion, no tree), so the exploration
-        # schedule, not the backlog, decides when to speculate again.
+        # roots only, so a machine where speculation does not pay wastes little on drafting.
+        # While the draft is off it runs over nothing: prompts are prefilled by the target
+        # alone and the draft's cache falls behind by a token per decoding request and
+        # iteration. Only when an exploration is due is it caught up (`_skip_drafting`: draft
+        # steps over up to a budget of the backlog, oldest tokens first, until the rest fits the
+        # exploration's own draft step), so a request that finishes between explorations never
+        # costs a draft call.
         self._draft_off = False
         self._draft_off_iters = 0
         self._catch_up_tokens = 0  # > 0: this roots-only iteration catches the draft up
         self.explore_every = 8
-        self.explore_max = 64
+        # 256, not 64: on this CPU explorations keep confirming roots only, and every one
+        # (with the catch-up it needs) costs the running requests a slow step; at the paper's
+        # scale the longer back-off moved nothing measurable (SIMULATION.md)
+        self.explore_max = 256
         self._explore_gap = self.explore_every
         self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
@@ -262,17 +266,8 @@ class Scheduler(PacedSteps, SpeculativeSteps):
             decode_segs, decode_tokens = self._speculate(decode, prefill, prefill_segs)
         else:
             decode_segs, decode_tokens = self._root_segments(decode), len(decode)
-            draft_segs = []
-            if self._catch_up_tokens:
-                draft_segs = self._catch_up_chains(decode, self._roster_of(decode))[0]
-            if (prefill_segs or draft_segs) and self.engine.has_draft and self.policy.speculative:
-                # keep the draft's prefill (and, when due, its decode backlog) in step
-                self.engine.draft_step(draft_segs + prefill_segs)
-                if draft_segs:
-                    for r in decode:
-                        r.draft_cached = r.cached + 1
-                for r, n in prefill:
-                    r.draft_cached = r.cached + n
+            if self.engine.has_draft and self.policy.speculative:
+                self._plain_draft_step(decode, prefill)
         moves, self._moves = self._moves, []
         sampled, offsets = self.engine.forward(decode_segs + prefill_segs, moves)
         now = self.clock()
@@ -309,19 +304,79 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         )
 
     def _skip_drafting(self, decode: list[RequestState]) -> bool:
-        """AdaServe only: decode this iteration without the draft model (see `_draft_off`)."""
+        """AdaServe only: decode this iteration without the draft model (see `_draft_off`).
+
+        When an exploration is due, it runs once the draft's whole backlog (the decoding
+        requests' catch-up chains and the prompt tokens it skipped) fits its draft step beside
+        two tokens a request; until then each iteration the slack allows catches up to a budget
+        of the backlog (`_catch_up_tokens`, `_plain_draft_step`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
-        if self._draft_off_iters >= self._explore_gap and self._exploration_affordable(decode):
-            return False  # explore
+        if self._draft_off_iters >= self._explore_gap:
+            lag = self._draft_lag(decode) + self._prefill_lag()
+            if lag + 2 * len(decode) <= self.token_budget:
+                if self._exploration_affordable(decode):
+                    return False  # explore
+            else:
+                chunk = min(lag, self.token_budget)
+                if self._catch_up_affordable(decode, chunk):
+                    self._catch_up_tokens = chunk
         self._draft_off_iters += 1
-        # the draft's catch-up chains up to the pending tokens: caught up in this step when one
-        # more step's tokens would no longer fit one draft step (an exploration catches
-        # everything up at once)
-        lag = self._draft_lag(decode)
-        if lag + 2 * len(decode) > self.token_budget:
-            self._catch_up_tokens = lag
         return True
+
+    def _plain_draft_step(
+        self, decode: list[RequestState], prefill: list[tuple[RequestState, int]]
+    ) -> None:
+        """The draft's step in an iteration that does not speculate. With AdaServe's draft off
+        it runs only to catch up `_catch_up_tokens` of the backlog before an exploration;
+        otherwise it prefills this step's prompt chunks beside the target, so that the next
+        speculative step can draft from them."""
+        if self._draft_off:
+            if self._catch_up_tokens:
+                self._draft_run(self._backlog_chunk(decode, self._catch_up_tokens))
+            return
+        self._draft_run(self._draft_prefill(prefill))
+
+    def _draft_run(self, plan: list[tuple[RequestState, int, int]]) -> None:
+        """One draft step over rows [start, stop) of each planned request; commits them."""
+        if not plan:
+            return
+        self.engine.draft_step(chain_segments(plan))
+        for r, _, b in plan:
+            r.draft_cached = b
+
+    def _draft_prefill(
+        self, prefill: list[tuple[RequestState, int]]
+    ) -> list[tuple[RequestState, int, int]]:
+        """The draft's rows for the prompts: every prefilling request from what its draft
+        cache holds up to what the target holds after this step's chunk (its own chunk, and
+        the prompt tokens skipped while the draft was off)."""
+        chunk = {id(r): n for r, n in prefill}
+        plan = []
+        for r in self.running:
+            if r.phase is Phase.PREFILL:
+                stop = r.cached + chunk.get(id(r), 0)
+                if stop > r.draft_cached:
+                    plan.append((r, r.draft_cached, stop))
+        return plan
+
+    def _backlog_chunk(
+        self, decode: list[RequestState], limit: int
+    ) -> list[tuple[RequestState, int, int]]:
+        """Up to `limit` of the draft's backlog, request by request: the decoding requests'
+        catch-up chains (up to and including the pending token) first, then the prompt tokens
+        the target has prefilled and the draft has not."""
+        plan = []
+        ends = [(r, r.cached + 1) for r in decode]
+        ends += [(r, r.cached) for r in self.running if r.phase is Phase.PREFILL]
+        for r, end in ends:
+            take = min(end - r.draft_cached, limit)
+            if take > 0:
+                plan.append((r, r.draft_cached, r.draft_cached + take))
+                limit -= take
+            if limit <= 0:
+                break
+        return plan
 
     def _decode_reserve(self, decode: list[RequestState], prefilling: list[RequestState]) -> int:
         """Budget kept for decoding requests before prefill chunks are planned.
@@ -334,7 +389,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         shape = self.policy.shape
         if shape is None:
             return n
-        catch_up = self._draft_lag(decode)
+        catch_up = self._draft_lag(decode) + self._prefill_lag()
         if self.policy.kind is PolicyKind.ADASERVE:
             # `adaserve_reserve` tokens per decoding request (at least its candidate tree),
             # minus the prefill floor and the prompts of requests that asked for a first-token
@@ -351,6 +406,11 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         """Tokens the draft cache lacks, up to and including each request's pending token: the
         length of the draft's catch-up chains."""
         return sum([r.cached - r.draft_cached for r in decode]) + len(decode)
+
+    def _prefill_lag(self) -> int:
+        """Prompt tokens the target has prefilled and the draft has not (AdaServe skips them
+        while its draft is off)."""
+        return sum([r.cached - r.draft_cached for r in self.running if r.phase is Phase.PREFILL])
 
     @staticmethod
     def _ttft_prompt_tokens(prefilling: list[RequestState]) -> int:

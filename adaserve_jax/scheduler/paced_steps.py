@@ -132,11 +132,24 @@ class PacedSteps:
         n, depth = len(decode), self.policy.shape.depth
         est = float(step_s[min(n * (1 + depth), self.token_budget)])
         if self.profile.draft is not None:
-            lag = self._draft_lag(decode)
+            lag = self._draft_lag(decode) + self._prefill_lag()
             draft = self.profile.draft.latency_ms
             expand = self.profile.expand_call_ms(self.policy.shape, n)
             if expand is None:
                 expand = (depth - 1) * draft(n)
             est += (draft(max(lag, n)) + expand) / 1e3
+        live = cap >= step_s[1]
+        return bool(np.all(cap[live] >= est))
+
+    def _catch_up_affordable(self, decode: list[RequestState], tokens: int) -> bool:
+        """With SLO pacing: a draft step over `tokens` of the backlog beside a plain step waits,
+        like an exploration, until every request that can still attain its SLO has the slack
+        to absorb it."""
+        if not self._pacing_applies() or self.profile.draft is None:
+            return True
+        slo, slack, remaining = self._slack(decode)
+        cap = step_caps(slack, slo, remaining)
+        step_s = self._step_times().seconds()
+        est = float(step_s[len(decode)]) + float(self.profile.draft.latency_ms(tokens)) / 1e3
         live = cap >= step_s[1]
         return bool(np.all(cap[live] >= est))

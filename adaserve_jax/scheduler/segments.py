@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Move, SamplingParams, SegmentBatch
+from adaserve_jax.engine.batch import Move, SamplingParams, Segment, SegmentBatch
 
 
 def _setters(cls: type, names: tuple[str, ...]) -> tuple | None:
@@ -95,3 +95,11 @@ def moves(slots: Sequence[int], src: Sequence[int], dst: Sequence[int]) -> list[
         set_dst(m, b)
         append(m)
     return out
+
+
+def chain_segments(plan: Sequence[tuple]) -> list[Segment]:
+    """The chain of each planned request's tokens in [start, stop): `plan` holds
+    (RequestState, start, stop); the segment writes cache rows start.. of its slot."""
+    return [
+        Segment.chain(r.slot, a, r.tokens_between(a, b), r.request.sampling) for r, a, b in plan
+    ]

@@ -23,7 +23,7 @@ from adaserve_jax.scheduler.confidence import sibling_rank
 from adaserve_jax.scheduler.policy import PolicyKind, fixed_selection
 from adaserve_jax.scheduler.request import RequestState
 from adaserve_jax.scheduler.roster import Roster
-from adaserve_jax.scheduler.segments import moves, segments
+from adaserve_jax.scheduler.segments import chain_segments, moves, segments
 from adaserve_jax.scheduler.selector import SelectionInput, select_nodes
 
 
@@ -87,7 +87,9 @@ class SpeculativeSteps:
         slots_l, slots = roster.slots_l, roster.slots
         draft_segs, chains, lens, ends, cached_l, out_len_l = self._catch_up_chains(decode, roster)
         cached = np.array(cached_l, np.int64)
-        vals, idx, offsets = self.engine.draft_step(draft_segs + prefill_segs)
+        # the prompts' rows for the draft: this step's chunks and any it skipped while off
+        draft_prefill = self._draft_prefill(prefill)
+        vals, idx, offsets = self.engine.draft_step(draft_segs + chain_segments(draft_prefill))
         s = self.engine.num_slots
         root_vals = np.zeros((s, vals.shape[1]), np.float32)
         root_toks = np.zeros((s, vals.shape[1]), np.int32)
@@ -95,8 +97,8 @@ class SpeculativeSteps:
         last = np.asarray(offsets[:n]) + lens - 1
         root_vals[slots], root_toks[slots] = vals[last], idx[last]
         root_pos[slots] = cached
-        for r, k in prefill:
-            r.draft_cached = r.cached + k
+        for r, _, b in draft_prefill:
+            r.draft_cached = b
         trees = self.engine.expand(root_vals, root_toks, root_pos, shape)
         out_len = np.array(out_len_l, np.int64)
         adaserve = self.policy.kind is PolicyKind.ADASERVE

@@ -3,6 +3,10 @@
 The "target" always continues a token t with (t + 1) % V. The "draft" proposes
 (t + 1) % V as its best child with probability `p_right` and wrong tokens after it,
 so greedy verification accepts exactly the chain of best children.
+
+The draft's KV cache is checked like a real one would need it: per slot, the rows written so
+far (a contiguous prefix); a draft segment may not start past it (rows left unwritten), and
+an expansion needs every row up to its root written.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class MockEngine:
         self.max_step_tokens = max_step_tokens  # like the largest token bucket
         self.forward_calls: list[list] = []
         self.moves_seen: list = []
+        self.draft_rows: dict[int, list[int]] = {}  # slot -> draft cache rows written (tokens)
 
     def _check(self, segments):
         """What the real engine rejects: too many tokens for a step, rows past the slot."""
@@ -45,6 +50,15 @@ class MockEngine:
 
     def draft_step(self, segments):
         self._check(segments)
+        for s in segments:
+            rows = self.draft_rows.setdefault(s.slot, [])
+            if s.ctx_len > len(rows):
+                raise ValueError(
+                    f"draft segment at row {s.ctx_len} of slot {s.slot}: rows {len(rows)}.. "
+                    "were never written"
+                )
+            del rows[s.ctx_len :]
+            rows.extend(np.asarray(s.tokens).tolist())
         tokens = np.concatenate([s.tokens for s in segments])
         k = 8
         idx = (tokens[:, None] + 1 + np.arange(k)[None] * 7) % self.vocab
@@ -58,6 +72,10 @@ class MockEngine:
         return vals.astype(np.float32), idx.astype(np.int32), tuple(offsets)
 
     def expand(self, root_vals, root_toks, root_pos, shape: TreeShape) -> DraftTrees:
+        for slot, pos in enumerate(np.asarray(root_pos).tolist()):
+            written = len(self.draft_rows.get(slot, ()))
+            if pos >= 0 and written < pos + 1:
+                raise ValueError(f"expansion from row {pos} of slot {slot}: {written} rows written")
         s, k, w = root_vals.shape[0], shape.topk, shape.width
         tokens = [np.zeros((s, 1), np.int64), root_toks[:, :k]]
         parents = [np.full((s, 1), -1), np.zeros((s, k), np.int64)]

@@ -312,38 +312,80 @@ def test_adaserve_reserve_is_admission_control():
         Scheduler(MockEngine(), policy="adaserve", token_budget=64, adaserve_reserve=0)
 
 
-def test_adaserve_catches_the_draft_up_without_speculating_while_it_is_off():
-    """With the draft off, its cache falls a token per request behind every iteration. When
-    one more iteration's backlog would no longer fit one draft step, a roots-only iteration
-    runs the draft over it (a draft step, no tree); speculative iterations stay as rare as the
-    exploration schedule, and the output is still the target's."""
+class _CountingDraft(MockEngine):
+    """Records every draft step's segments and counts expansions."""
 
-    class Counting(MockEngine):
-        expands = 0
-        catch_ups: list[int] = []
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.expands = 0
+        self.draft_calls: list[list] = []
 
-        def expand(self, *args):
-            self.expands += 1
-            return super().expand(*args)
+    def expand(self, *args):
+        self.expands += 1
+        return super().expand(*args)
 
-        def draft_step(self, segments):
-            self.catch_ups.append(sum(len(s) for s in segments))
-            return super().draft_step(segments)
+    def draft_step(self, segments):
+        self.draft_calls.append(
+            [(s.slot, s.ctx_len, np.asarray(s.tokens).tolist()) for s in segments]
+        )
+        return super().draft_step(segments)
 
-    steep = LatencyProfile.from_tables({1: 1.0, 8: 1.0, 9: 50.0, 64: 60.0}, draft_ms={1: 0.1})
-    eng = Counting(num_slots=8)
-    sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=steep)
+
+# any step above 8 tokens costs 50x: AdaServe decodes 8 requests without speculating
+STEEP8 = LatencyProfile.from_tables({1: 1.0, 8: 1.0, 9: 50.0, 64: 60.0}, draft_ms={1: 0.1})
+
+
+def test_adaserve_runs_the_draft_only_to_catch_up_before_an_exploration():
+    """With the draft off, its cache falls a token per request behind every iteration and the
+    draft is not run at all until an exploration is due; then draft steps over a budget of
+    the backlog (64 tokens) catch it up until the rest fits the exploration's own draft step
+    beside two tokens a request (64 - 16 = 48), and the exploration runs. Explorations keep
+    their backed-off schedule, the mock's draft cache never has a hole (an expansion needs
+    every row up to its root), and the output is still the target's."""
+    eng = _CountingDraft(num_slots=8)
+    sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=STEEP8)
     reqs = [_req(i, prompt_len=4, max_tokens=150, tpot_slo_ms=1e4) for i in range(8)]
     states = [sched.submit(r) for r in reqs]
     sched.run_until_done()
     for r, s in zip(reqs, states, strict=True):
         assert s.output == _expected(r)
     decoding = sum(1 for r in sched.step_log if r.decode_requests)
-    # explorations every 8, 16, 32, 64 iterations (plus the first), never every ~3 iterations
-    # as a backlog-forced speculative step would make it
+    # explorations every 8, 16, 32, 64 iterations (plus the first)
     assert eng.expands <= 8 and decoding >= 140
-    # the backlog (8 tokens an iteration) was caught up in plain iterations whenever it
-    # passed 64 - 2 x 8 = 48 tokens, i.e. at 56: draft steps over 7 tokens per request, no
-    # tree (the other draft steps are the explorations' own catch-ups)
-    assert sum(n == 56 for n in eng.catch_ups) >= decoding // 7 - eng.expands
-    assert max(eng.catch_ups[1:]) <= 56
+    sizes = [sum(len(t) for _, _, t in call) for call in eng.draft_calls]
+    catch_ups = [n for n in sizes[1:] if n > 48]  # the first call is the prompts' prefill
+    # every other draft call is an exploration's own (each runs right after its catch-ups)
+    assert len(sizes) - 1 - len(catch_ups) == eng.expands
+    assert all(n == 64 for n in catch_ups[:-1]) or not catch_ups
+    # the backlog is run through the draft once: no more tokens than were ever decoded
+    assert sum(sizes[1:]) <= sum(len(s.output) for s in states) + 8 * eng.expands
+    # between explorations no draft call at all: far fewer calls than decoding iterations
+    assert len(sizes) <= 2 * eng.expands + sum(sizes) // 64 + 2
+
+
+def test_adaserve_never_drafts_a_request_that_finishes_between_explorations():
+    """A short request that arrives while the draft is off and finishes before the next
+    exploration costs no draft call: its prompt is prefilled by the target alone."""
+    eng = _CountingDraft(num_slots=2)
+    steep = LatencyProfile.from_tables({1: 1.0, 2: 50.0, 64: 60.0}, draft_ms={1: 0.1})
+    sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=steep)
+    # no exploration after the first
+    sched.explore_every = sched.explore_max = sched._explore_gap = 1000
+    first = sched.submit(_req(0, prompt_len=4, max_tokens=200, tpot_slo_ms=1e4))
+    for _ in range(20):
+        sched.step()
+    assert sched._draft_off
+    calls = len(eng.draft_calls)
+    short = _req(1, prompt_len=30, max_tokens=5, tpot_slo_ms=1e4)
+    late = sched.submit(short)
+    sched.run_until_done()
+    assert late.output == _expected(short) and first.output == _expected(
+        _req(0, max_tokens=200, prompt_len=4)
+    )
+    assert late.slot == 1 and len(eng.draft_calls) == calls  # no draft call since it came
+    # the control: with an exploration due during its life, its prompt is caught up
+    sched._explore_gap = 0
+    again = sched.submit(_req(2, prompt_len=30, max_tokens=5, tpot_slo_ms=1e4))
+    sched.run_until_done()
+    assert again.output == _expected(_req(2, prompt_len=30, max_tokens=5))
+    assert any(slot == again.slot for call in eng.draft_calls[calls:] for slot, _, _ in call)
