@@ -2,6 +2,7 @@
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
         [--host-ms MS|measured] [--speed profile|measured|cell|cell-time|trace]
+        [--speed-scale X]
         [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
@@ -30,7 +31,9 @@ every round of a cell with that round's per-second `speed_trace` (sim/engine.py 
 a simulated call that begins in second s of the run costs its price times the real calls'
 ratio in second s, so a slow phase in the middle of a real replay slows the same stretch of
 the simulated one. The speeds are inputs (how fast the machine was), the outcomes compared
-(attainment, goodput) are not.
+(attainment, goodput) are not. `--speed-scale X` multiplies every device latency by X on top
+of the chosen speeds: how the outcomes would have moved had the machine run X times slower
+(a sensitivity check, SIMULATION.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
 from adaserve_jax.sim.calibration import load_calibration
 from adaserve_jax.sim.engine import SpeedTrace
@@ -123,8 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
         "cell-time: by its time-weighted `*_time_ratio`; trace: every round by its "
         "per-second `speed_trace`",
     )
+    ap.add_argument(
+        "--speed-scale",
+        type=positive(float),
+        default=1.0,
+        help="multiply every device latency by this factor on top of --speed (sensitivity)",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
+    scale = args.speed_scale
     real = json.loads(Path(args.bench_json).read_text())
     st = real["settings"]
     measured_host = args.host_ms == "measured"
@@ -144,8 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     if (per_cell or traced) and args.profile != "bench":
         ap.error(f"--speed {args.speed} needs --profile bench")
     suffix = "_time_ratio" if args.speed == "cell-time" else "_speed"
+    if scale != 1.0 and args.profile != "bench":
+        ap.error("--speed-scale needs --profile bench")
     if args.profile == "bench":
-        profile = _bench_profile(st, host_ms, args.bench_json, speed)
+        profile = _bench_profile(st, host_ms, args.bench_json, speed * scale)
     else:
         profile = load_profile(args.profile)
     baseline = real["baseline_tpot_ms"]
@@ -192,8 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
                 # the draft's calls at their own measured speeds (benches that recorded them)
                 draft_speed, expand_speed = rs.get(f"draft{suffix}"), rs.get(f"expand{suffix}")
                 profile = _bench_profile(
-                    st, host_ms, args.bench_json, speed, draft_speed, expand_speed
-                )
+                    st, host_ms, args.bench_json, speed * scale,
+                    draft_speed and draft_speed * scale, expand_speed and expand_speed * scale,
+                )  # fmt: skip
             traces: list[SpeedTrace | None] = [None] * len(rounds)
             if traced:
                 per_round = rs["speed_trace"]
@@ -284,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "profile": profile.name,
         "host_ms": "measured" if measured_host else profile.host_ms,
         "speed": args.speed if per_cell or traced else speed,
+        "speed_scale": scale,
         "calibration": cal.path,
         "summary": summary,
         "rows": rows,

@@ -104,6 +104,25 @@ def test_cell_speed_prices_each_replay_at_its_own_speed(tmp_path, cal_file):
         run(path, cal_file, "--speed", "cell", "--profile", "local")
 
 
+def test_speed_scale_slows_every_call_on_top_of_the_chosen_speed(tmp_path, cal_file):
+    """`--speed-scale X` is a sensitivity check: every device latency times X, on top of the
+    profile (and of `--speed cell`'s per-replay speeds); it is recorded in the output."""
+    path = bench_json(tmp_path, {"autoregressive": 0.0}, speed={"autoregressive": 1.2})
+    tpot = {}
+    for mode in ("profile", "cell"):
+        for scale in (1.0, 2.0):
+            out = run(path, cal_file, "--speed", mode, "--speed-scale", str(scale))
+            assert out["speed_scale"] == scale
+            tpot[mode, scale] = out["rows"][0]["sim_tpot_p50_ms"]
+        assert tpot[mode, 2.0] >= 2.0 * tpot[mode, 1.0] - 1e-9
+    assert tpot["cell", 1.0] > tpot["profile", 1.0]  # the cell's own 1.2x is still applied
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            run(path, cal_file, "--speed-scale", bad)
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--speed-scale", "2", "--profile", "local")
+
+
 def test_cell_speed_prices_the_drafts_calls_at_their_own_speed(tmp_path, cal_file):
     """A replay whose draft calls ran 3x their profile price while its verify steps ran at
     the price: `--speed cell` slows the speculative policy's simulated steps, not the plain
