@@ -179,7 +179,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         self.explore_every = 8
         # 256, not 64: on this CPU explorations keep confirming roots only, and every one
         # (with the catch-up it needs) costs the running requests a slow step; at the paper's
-        # scale the longer back-off moved nothing measurable (SIMULATION.md)
+        # scale AdaServe's attainment moved by at most 1.3 pp (SIMULATION.md)
         self.explore_max = 256
         self._explore_gap = self.explore_every
         self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget

@@ -2,7 +2,7 @@
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
         [--host-ms MS|measured] [--speed profile|measured|cell|cell-time|trace]
-        [--speed-scale X]
+        [--speed-scale X] [--trace-of POLICY]
         [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
@@ -33,7 +33,9 @@ ratio in second s, so a slow phase in the middle of a real replay slows the same
 the simulated one. The speeds are inputs (how fast the machine was), the outcomes compared
 (attainment, goodput) are not. `--speed-scale X` multiplies every device latency by X on top
 of the chosen speeds: how the outcomes would have moved had the machine run X times slower
-(a sensitivity check, SIMULATION.md).
+(a sensitivity check, SIMULATION.md). `--trace-of POLICY` (with `--speed trace`) replays every
+policy at that one policy's per-second speeds, so the policies compare on the same machine
+minute (a what-if for comparing schedulers, not a validation of the other policies' cells).
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=1.0,
         help="multiply every device latency by this factor on top of --speed (sensitivity)",
     )
+    ap.add_argument(
+        "--trace-of",
+        default=None,
+        metavar="POLICY",
+        help="with --speed trace: replay every policy at this policy's per-second speeds",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     scale = args.speed_scale
@@ -154,6 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     traced = args.speed == "trace"
     if (per_cell or traced) and args.profile != "bench":
         ap.error(f"--speed {args.speed} needs --profile bench")
+    if args.trace_of is not None:
+        if not traced:
+            ap.error("--trace-of needs --speed trace")
+        known = sorted({name for point in real["sweep"] for name in point["policies"]})
+        if args.trace_of not in known:
+            ap.error(f"--trace-of {args.trace_of!r}: the run has policies {known}")
     suffix = "_time_ratio" if args.speed == "cell-time" else "_speed"
     if scale != 1.0 and args.profile != "bench":
         ap.error("--speed-scale needs --profile bench")
@@ -194,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
                     (requests_at(b), arrival_times_s(entries, b, point["time_scale"]))
                     for b in rs["baseline_tpot_ms"]
                 ]
+            if args.trace_of is not None:  # the speeds of another policy's replays
+                other = point["policies"].get(args.trace_of, {})
+                rs = {**rs, "speed_trace": other.get("speed_trace")}
             needs = f"verify{suffix}" if per_cell else "speed_trace" if traced else None
             if needs and rs.get(needs) is None:
                 raise SystemExit(
@@ -299,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "host_ms": "measured" if measured_host else profile.host_ms,
         "speed": args.speed if per_cell or traced else speed,
         "speed_scale": scale,
+        "trace_of": args.trace_of,
         "calibration": cal.path,
         "summary": summary,
         "rows": rows,

@@ -205,6 +205,25 @@ def test_trace_speed_replays_each_round_at_its_own_speed_over_time(tmp_path, cal
         run(bad, cal_file, "--speed", "trace")
 
 
+def test_trace_of_replays_every_policy_at_one_policys_speeds(tmp_path, cal_file):
+    """`--trace-of POLICY`: every policy at that policy's per-second speeds (the same machine
+    minute for all); it needs `--speed trace` and a policy the run has."""
+    path = bench_json(tmp_path, {"autoregressive": 0.0, "sarathi": 0.0})
+    with_cell_fields(path, "autoregressive", speed_trace={"verify": [[1.0] * 40]})
+    with_cell_fields(path, "sarathi", speed_trace={"verify": [[2.0] * 40]})
+    own = {r["policy"]: r for r in run(path, cal_file, "--speed", "trace")["rows"]}
+    out = run(path, cal_file, "--speed", "trace", "--trace-of", "autoregressive")
+    same = {r["policy"]: r for r in out["rows"]}
+    assert out["trace_of"] == "autoregressive"
+    assert same["autoregressive"]["sim_tpot_p50_ms"] == own["autoregressive"]["sim_tpot_p50_ms"]
+    # sarathi at autoregressive's 1x instead of its own 2x
+    assert same["sarathi"]["sim_tpot_p50_ms"] * 2 <= own["sarathi"]["sim_tpot_p50_ms"]
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--trace-of", "autoregressive")  # without --speed trace
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--speed", "trace", "--trace-of", "adaserve")  # not in the run
+
+
 def test_gap_summary_per_policy_and_overall():
     from adaserve_jax.sim.validate import gap_summary
 
