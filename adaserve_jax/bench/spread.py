@@ -51,9 +51,11 @@ def spread(runs: dict[str, dict]) -> dict:
             att = []
             for name in names:
                 match = [p for p in runs[name]["sweep"] if p["time_scale"] == ts]
-                if not match or policy not in match[0]["policies"]:
-                    raise SystemExit(f"error: {name}: no {policy} at x{ts}")
-                att.append(100 * match[0]["policies"][policy]["attainment"])
+                cell = match[0]["policies"].get(policy) if match else None
+                value = cell.get("attainment") if isinstance(cell, dict) else None
+                if not isinstance(value, int | float):
+                    raise SystemExit(f"error: {name}: no attainment for {policy} at x{ts}")
+                att.append(100 * value)
             rng = max(att) - min(att)
             points.append({"time_scale": ts, "policy": policy, "attainment": att, "range_pp": rng})
             ranges.setdefault(policy, []).append(rng)

@@ -263,7 +263,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
             for r, n in prefill
         ]
         if spec:
-            decode_segs, decode_tokens = self._speculate(decode, prefill, prefill_segs)
+            decode_segs, decode_tokens = self._speculate(decode, prefill)
         else:
             decode_segs, decode_tokens = self._root_segments(decode), len(decode)
             if self.engine.has_draft and self.policy.speculative:

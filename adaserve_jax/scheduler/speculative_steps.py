@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from adaserve_jax.engine.batch import Segment, SegmentBatch, ragged_index
+from adaserve_jax.engine.batch import SegmentBatch, ragged_index
 from adaserve_jax.engine.tree import DraftTrees, accept_nodes, layout_depths
 from adaserve_jax.scheduler.budget import choose_budget_trusted
 from adaserve_jax.scheduler.confidence import sibling_rank
@@ -74,7 +74,6 @@ class SpeculativeSteps:
         self,
         decode: list[RequestState],
         prefill: list[tuple[RequestState, int]],
-        prefill_segs: list[Segment],
     ) -> tuple[SegmentBatch, int]:
         """Draft catch-up + roots (+ prefill), expand trees, select, build verify segments.
 

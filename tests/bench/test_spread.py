@@ -57,3 +57,8 @@ def test_spread_refuses_runs_of_different_commands(tmp_path):
     with pytest.raises(SystemExit, match="not a sweep"):
         bad.write_text("[]")
         spread_main([a, str(bad)])
+    missing = json.loads(open(a).read())
+    del missing["sweep"][1]["policies"]["adaserve"]["attainment"]
+    bad.write_text(json.dumps(missing))
+    with pytest.raises(SystemExit, match="no attainment for adaserve at x1.0"):
+        spread_main([a, str(bad)])
