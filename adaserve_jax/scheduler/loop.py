@@ -313,7 +313,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
         if self._draft_off_iters >= self._explore_gap:
-            lag = self._draft_lag(decode) + self._prefill_lag()
+            lag = self._draft_backlog(decode)
             if lag + 2 * len(decode) <= self.token_budget:
                 if self._exploration_affordable(decode):
                     return False  # explore
@@ -389,7 +389,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         shape = self.policy.shape
         if shape is None:
             return n
-        catch_up = self._draft_lag(decode) + self._prefill_lag()
+        catch_up = self._draft_backlog(decode)
         if self.policy.kind is PolicyKind.ADASERVE:
             # `adaserve_reserve` tokens per decoding request (at least its candidate tree),
             # minus the prefill floor and the prompts of requests that asked for a first-token
@@ -401,16 +401,12 @@ class Scheduler(PacedSteps, SpeculativeSteps):
             verify = n * (1 + shape.depth * shape.width)
         return max(verify, catch_up)
 
-    @staticmethod
-    def _draft_lag(decode: list[RequestState]) -> int:
-        """Tokens the draft cache lacks, up to and including each request's pending token: the
-        length of the draft's catch-up chains."""
-        return sum([r.cached - r.draft_cached for r in decode]) + len(decode)
-
-    def _prefill_lag(self) -> int:
-        """Prompt tokens the target has prefilled and the draft has not (AdaServe skips them
-        while its draft is off)."""
-        return sum([r.cached - r.draft_cached for r in self.running if r.phase is Phase.PREFILL])
+    def _draft_backlog(self, decode: list[RequestState]) -> int:
+        """Tokens the draft cache lacks: the decoding requests' catch-up chains (up to and
+        including each pending token) and the prompt tokens the target has prefilled and the
+        draft has not (AdaServe skips them while its draft is off)."""
+        prompts = [r.cached - r.draft_cached for r in self.running if r.phase is Phase.PREFILL]
+        return sum([r.cached - r.draft_cached for r in decode]) + len(decode) + sum(prompts)
 
     @staticmethod
     def _ttft_prompt_tokens(prefilling: list[RequestState]) -> int:

@@ -132,7 +132,7 @@ class PacedSteps:
         n, depth = len(decode), self.policy.shape.depth
         est = float(step_s[min(n * (1 + depth), self.token_budget)])
         if self.profile.draft is not None:
-            lag = self._draft_lag(decode) + self._prefill_lag()
+            lag = self._draft_backlog(decode)
             draft = self.profile.draft.latency_ms
             expand = self.profile.expand_call_ms(self.policy.shape, n)
             if expand is None:

@@ -213,8 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
                 rs = {**rs, "speed_trace": other.get("speed_trace")}
             needs = f"verify{suffix}" if per_cell else "speed_trace" if traced else None
             if needs and rs.get(needs) is None:
+                source = args.trace_of or policy  # whose cell should have recorded it
                 raise SystemExit(
-                    f"error: {args.bench_json}: {policy} at x{point['time_scale']} records "
+                    f"error: {args.bench_json}: {source} at x{point['time_scale']} records "
                     f"no {needs} (re-run the bench)"
                 )
             if per_cell:
