@@ -253,6 +253,11 @@ class AcceptanceCalibrator:
             self.observe(q, d, k, hit)
         self._pending_trusted = True
 
+    def refit(self) -> None:
+        """Fit the tables `apply` uses to the counts so far at its next call, without waiting
+        for `refit_every` observation steps (the scheduler calls it after an exploration)."""
+        self._table, self._since_fit = None, 0
+
     @property
     def observations(self) -> float:
         return float(self.verified.sum())

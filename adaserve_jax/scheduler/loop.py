@@ -182,6 +182,13 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         # scale AdaServe's attainment moved by at most 1.3 pp (SIMULATION.md)
         self.explore_max = 256
         self._explore_gap = self.explore_every
+        # the trees the last exploration drafted (parents, raw log f, depths, sibling ranks;
+        # None before the first) let a due exploration be judged in advance
+        # (`_speculation_could_pay`): one whose roots-only outcome is foregone is skipped, its
+        # catch-up included, except every `predicted_skips_max`-th in a row
+        self._explored: tuple[np.ndarray, ...] | None = None
+        self._predicted_skips = 0
+        self.predicted_skips_max = 4
         self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
         self.decode_text = decode_text
@@ -286,6 +293,8 @@ class Scheduler(PacedSteps, SpeculativeSteps):
                 self._emit(r, [int(sampled[off + n - 1])], now)
         if spec:
             self.calibrator.flush()
+            if self._draft_off:  # explorations are rare: what this one verified counts now
+                self.calibrator.refit()
             if self._spec_predicted_s is not None:
                 over = (now - t0 - self._spec_predicted_s) * 1e3
                 self._spec_overrun_ms += 0.2 * (over - self._spec_overrun_ms)
@@ -309,9 +318,15 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         When an exploration is due, it runs once the draft's whole backlog (the decoding
         requests' catch-up chains and the prompt tokens it skipped) fits its draft step beside
         two tokens a request; until then each iteration the slack allows catches up to a budget
-        of the backlog (`_catch_up_tokens`, `_plain_draft_step`)."""
+        of the backlog (`_catch_up_tokens`, `_plain_draft_step`). A due exploration that the last
+        one's acceptance says would choose roots only again is skipped, catch-up and all
+        (`_speculation_could_pay`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
+        if self._draft_off_iters >= self._explore_gap and not self._speculation_could_pay(decode):
+            # the last exploration's acceptance says this one would choose roots only again
+            self._explore_gap = min(2 * self._explore_gap, self.explore_max)
+            self._draft_off_iters = 0
         if self._draft_off_iters >= self._explore_gap:
             lag = self._draft_backlog(decode)
             if lag + 2 * len(decode) <= self.token_budget:

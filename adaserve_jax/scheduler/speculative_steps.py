@@ -179,33 +179,26 @@ class SpeculativeSteps:
         # path probabilities rebuilt from calibrated conditionals: f as observed acceptance
         log_f = self.calibrator.apply(parents, trees.log_f[rows], depths, self._rank)
         if self.profile is not None:
-            draft_ms = 0.0
-            if self.profile.draft is not None:
-                # the catch-up step over this iteration's chains, then the measured expansion
-                # call; without one, depth draft steps over the frontier's n x width tokens
-                expand_ms = self.profile.expand_call_ms(shape, n)
-                if expand_ms is None:
-                    draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
-                else:
-                    draft_ms = float(self.profile.draft.latency_ms(catch_up)) + expand_ms
-            draft_ms += max(self._spec_overrun_ms, 0.0)
             choice = choose_budget_trusted(
                 self.profile,
                 log_f,
                 roster.tightest_slo_s,
                 max_budget=avail,
-                draft_ms=draft_ms,
+                draft_ms=self._draft_price_ms(n, catch_up, depth),
                 prefill_tokens=self._prefill_tokens,
             )
             budget, t_iter = max(min(choice.budget, avail), n), choice.t_iter_s
             # with pacing: what a speculative iteration really took beyond this estimate
             self._spec_predicted_s = t_iter if budget > n and self._pacing_applies() else None
-            roots_only = budget <= n or choice.expected_accepted <= n * 1.25
+            roots_only = _roots_only(choice, n)
             if roots_only and self._draft_off:  # an exploration confirmed the choice: back off
                 self._explore_gap = min(2 * self._explore_gap, self.explore_max)
             elif not roots_only:
                 self._explore_gap = self.explore_every
+            if roots_only:  # what this exploration drafted, for judging the next in advance
+                self._explored = (parents, trees.log_f[rows], depths, self._rank)
             self._draft_off, self._draft_off_iters = roots_only, 0
+            self._predicted_skips = 0
         nodes, counts = select_nodes(
             SelectionInput.trusted(
                 parents=parents,
@@ -224,6 +217,52 @@ class SpeculativeSteps:
         )
         self._select_seconds += time.perf_counter() - t0
         return nodes, counts
+
+    def _draft_price_ms(self, n: int, catch_up: int, depth: int) -> float:
+        """The draft's cost of a speculative iteration as the budget rule prices it: the
+        catch-up step over `catch_up` tokens, then the measured expansion call for `n`
+        requests; without one, `depth` draft steps over the frontier's n x width tokens; plus
+        the speculative iterations' measured overrun."""
+        draft_ms = 0.0
+        if self.profile.draft is not None:
+            shape = self.policy.shape
+            expand_ms = self.profile.expand_call_ms(shape, n)
+            if expand_ms is None:
+                draft_ms = depth * float(self.profile.draft.latency_ms(n * shape.width))
+            else:
+                draft_ms = float(self.profile.draft.latency_ms(catch_up)) + expand_ms
+        return draft_ms + max(self._spec_overrun_ms, 0.0)
+
+    def _speculation_could_pay(self, decode: list[RequestState]) -> bool:
+        """AdaServe, when an exploration is due: False when the budget rule would choose
+        roots only again given, for every decoding request, the trees the last exploration
+        drafted (calibrated as the calibrator stands now, which has learned from their
+        verification: each request's f best first, averaged over its requests), no prompt
+        tokens and the cheapest draft step (a catch-up of one token a request). Such an
+        exploration would only spend its catch-up and draft calls to confirm it, so it is
+        counted as confirmed without them (the gap doubles). Every `predicted_skips_max`-th
+        due exploration in a row runs anyway, so a change in acceptance is still seen; and
+        until the calibrator has seen a drafted token verified, every one runs (its f is
+        then the draft's own confidence, which may be far off: a roots-only exploration
+        verifies no drafted token and teaches it nothing, a speculative one does)."""
+        if self._explored is None or self.profile is None or not self.calibrator.observations:
+            return True
+        if self._predicted_skips >= self.predicted_skips_max:
+            return True
+        gain = _mean_gain(self.calibrator.apply(*self._explored))
+        n = len(decode)
+        choice = choose_budget_trusted(
+            self.profile,
+            np.broadcast_to(gain, (n, gain.size)),
+            self._roster_of(decode).tightest_slo_s,
+            max_budget=max(self.token_budget, n),
+            draft_ms=self._draft_price_ms(n, n, self.policy.shape.depth),
+            prefill_tokens=0,
+        )
+        if not _roots_only(choice, n):
+            return True
+        self._predicted_skips += 1
+        return False
 
     def _commit_trees(
         self,
@@ -369,3 +408,16 @@ class SpeculativeSteps:
         self.calibrator.observe_edges(
             (log_f - log_f[up])[live], depth[live], rank[live], acc[live], trusted=True
         )
+
+
+def _roots_only(choice, n: int) -> bool:
+    """Whether a budget choice for `n` requests amounts to plain decoding: the roots alone, or
+    too few expected drafted tokens (a quarter of a token a request) to be worth drafting."""
+    return choice.budget <= n or choice.expected_accepted <= n * 1.25
+
+
+def _mean_gain(log_f: np.ndarray) -> np.ndarray:
+    """f32[M]: log of the requests' path probabilities sorted best first, averaged over the
+    requests (each row of `log_f` [n, M] one request's tree; padding -inf counts as 0)."""
+    f = np.sort(np.exp(np.asarray(log_f, np.float64)), axis=1)[:, ::-1].mean(axis=0)
+    return np.log(np.maximum(f, 1e-30)).astype(np.float32)

@@ -363,6 +363,51 @@ def test_adaserve_runs_the_draft_only_to_catch_up_before_an_exploration():
     assert len(sizes) <= 2 * eng.expands + sum(sizes) // 64 + 2
 
 
+def test_adaserve_skips_explorations_the_last_one_says_would_choose_roots_only():
+    """A request alone on STEEP8 speculates (a tree costs nothing over its root), so the
+    calibrator learns the draft's acceptance. While 8 requests decode (a 9th token costs 50x),
+    every exploration chooses roots only; after the first, a due exploration is judged in
+    advance from the trees that one drafted, and skipped (no catch-up, no expansion) except
+    every `predicted_skips_max`-th in a row. Once one request is left, the next due
+    exploration is judged worth running, and it speculates again. Outputs are the target's
+    either way."""
+    runs = {}
+    for skips_max in (0, 4):  # 0: every due exploration runs (the control)
+        eng = _CountingDraft(num_slots=8)
+        sched = Scheduler(eng, policy="adaserve", token_budget=64, profile=STEEP8)
+        sched.predicted_skips_max = skips_max
+        verdicts = []
+        judge = sched._speculation_could_pay
+
+        def spy(decode, _judge=judge, _verdicts=verdicts):
+            out = _judge(decode)
+            _verdicts.append((len(decode), out))
+            return out
+
+        sched._speculation_could_pay = spy
+        reqs = [
+            _req(i, prompt_len=4, max_tokens=500 if i == 0 else 120, tpot_slo_ms=1e4)
+            for i in range(8)
+        ]
+        states = [sched.submit(reqs[0])]
+        for _ in range(10):  # alone first: it speculates, and the calibrator learns
+            sched.step()
+        assert sched.calibrator.observations > 0 and not sched._draft_off
+        states += [sched.submit(r) for r in reqs[1:]]
+        sched.run_until_done()
+        for r, st in zip(reqs, states, strict=True):
+            assert st.output == _expected(r)
+        lone = [rec for rec in sched.step_log if rec.decode_requests == 1]
+        runs[skips_max] = (eng.expands, len(eng.draft_calls), verdicts, lone)
+    (expands0, calls0, _, _), (expands4, calls4, verdicts, lone) = runs[0], runs[4]
+    skipped = [n for n, ok in verdicts if not ok]
+    assert skipped and all(n == 8 for n in skipped)  # judged roots only with 8 requests
+    assert expands4 < expands0 and calls4 < calls0  # fewer explorations and draft calls
+    assert expands4 >= 2  # every 5th due exploration in a row still runs
+    assert (1, True) in verdicts  # alone, speculation is judged worth exploring
+    assert sum(rec.accepted for rec in lone) > 0  # and the lone request speculates again
+
+
 def test_adaserve_never_drafts_a_request_that_finishes_between_explorations():
     """A short request that arrives while the draft is off and finishes before the next
     exploration costs no draft call: its prompt is prefilled by the target alone."""

@@ -391,6 +391,7 @@ def test_budget_rule_prices_drafting_with_the_measured_expansion_call(cal, monke
         eng = SimEngine(prof, cal, num_slots=8, max_len=512, clock=clock)
         sched = Scheduler(eng, policy="adaserve", token_budget=256, clock=clock,
                           profile=prof.latency_profile())  # fmt: skip
+        sched.predicted_skips_max = 0  # every due exploration runs: each rule call is one
         for i in range(3):
             sched.submit(Request(f"r{i}", (1,) * 20, 30, tpot_slo_ms=200.0))
         seen.clear()
