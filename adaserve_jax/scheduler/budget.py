@@ -31,7 +31,12 @@ Why this rule:
   without the draft model until it explores again (scheduler/loop.py), so that candidate is
   priced without the draft's cost; the draft cost of this iteration itself is already spent.
 - *Buckets only*: the verify step is compiled per bucket and pads to it, so a budget between
-  buckets costs the next bucket's latency anyway.
+  buckets costs the next bucket's latency anyway. So roots only (B = n, priced without the
+  draft) is a candidate only when n is itself a bucket; between buckets the rule weighs
+  speculative budgets alone. Adding B = n there too made AdaServe stop speculating at the
+  paper's scale (9 roots at 31.6 ms beat bucket 128 at 63.3 ms on the even split E_tot / n,
+  although the selector's SLO phase needed those tokens for the tight requests: 100 -> 56%
+  attainment on 300 requests of rps 2.4; SIMULATION.md, "Explorations judged in advance").
 """
 
 from __future__ import annotations
