@@ -189,6 +189,7 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         self._explored: tuple[np.ndarray, ...] | None = None
         self._predicted_skips = 0
         self.predicted_skips_max = 4
+        self._judged_worth = False  # the due exploration was judged worth running
         self.node_share = 1.0  # adaserve per-request node cap, in fair shares of the budget
         self.eos_id = eos_id
         self.decode_text = decode_text
@@ -323,10 +324,13 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         (`_speculation_could_pay`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
             return False
-        if self._draft_off_iters >= self._explore_gap and not self._speculation_could_pay(decode):
-            # the last exploration's acceptance says this one would choose roots only again
-            self._explore_gap = min(2 * self._explore_gap, self.explore_max)
-            self._draft_off_iters = 0
+        if self._draft_off_iters >= self._explore_gap and not self._judged_worth:
+            # judged once per due exploration (it may wait for slack or catch-up steps)
+            if self._speculation_could_pay(decode):
+                self._judged_worth = True
+            else:  # the last exploration's trees say this one would choose roots only again
+                self._explore_gap = min(2 * self._explore_gap, self.explore_max)
+                self._draft_off_iters = 0
         if self._draft_off_iters >= self._explore_gap:
             lag = self._draft_backlog(decode)
             if lag + 2 * len(decode) <= self.token_budget:

@@ -198,7 +198,7 @@ class SpeculativeSteps:
             if roots_only:  # what this exploration drafted, for judging the next in advance
                 self._explored = (parents, trees.log_f[rows], depths, self._rank)
             self._draft_off, self._draft_off_iters = roots_only, 0
-            self._predicted_skips = 0
+            self._predicted_skips, self._judged_worth = 0, False
         nodes, counts = select_nodes(
             SelectionInput.trusted(
                 parents=parents,
