@@ -189,7 +189,7 @@ class AcceptanceCalibrator:
         self.accepted += hits.reshape(self.accepted.shape)
         self._since_fit += 1
         if self._since_fit >= self.refit_every:  # the fit (27 small isotonic fits) is the cost
-            self._table, self._since_fit = None, 0
+            self.refit()
 
     def observe_tree(
         self,

@@ -245,7 +245,7 @@ class SpeculativeSteps:
         until the calibrator has seen a drafted token verified, every one runs (its f is
         then the draft's own confidence, which may be far off: a roots-only exploration
         verifies no drafted token and teaches it nothing, a speculative one does)."""
-        if self._explored is None or self.profile is None or not self.calibrator.observations:
+        if self._explored is None or not self.calibrator.observations:  # (set with a profile)
             return True
         if self._predicted_skips >= self.predicted_skips_max:
             return True
