@@ -319,7 +319,8 @@ class Scheduler(PacedSteps, SpeculativeSteps):
         When an exploration is due, it runs once the draft's whole backlog (the decoding
         requests' catch-up chains and the prompt tokens it skipped) fits its draft step beside
         two tokens a request; until then each iteration the slack allows catches up to a budget
-        of the backlog (`_catch_up_tokens`, `_plain_draft_step`). A due exploration that the last
+        of the backlog (`_catch_up_tokens`, `_plain_draft_step`), unless the exploration can
+        never fit (three tokens a request exceed the budget). A due exploration that the last
         one's acceptance says would choose roots only again is skipped, catch-up and all
         (`_speculation_could_pay`)."""
         if self.policy.kind is not PolicyKind.ADASERVE or not self._draft_off:
@@ -336,7 +337,9 @@ class Scheduler(PacedSteps, SpeculativeSteps):
             if lag + 2 * len(decode) <= self.token_budget:
                 if self._exploration_affordable(decode):
                     return False  # explore
-            else:
+            elif 3 * len(decode) <= self.token_budget:
+                # (the backlog never drops below the n pending tokens: with 3n > budget the
+                # exploration can never follow, and catching up would only spend draft steps)
                 chunk = min(lag, self.token_budget)
                 if self._catch_up_affordable(decode, chunk):
                     self._catch_up_tokens = chunk

@@ -363,6 +363,27 @@ def test_adaserve_runs_the_draft_only_to_catch_up_before_an_exploration():
     assert len(sizes) <= 2 * eng.expands + sum(sizes) // 64 + 2
 
 
+def test_adaserve_does_not_catch_up_for_an_exploration_that_can_never_fit():
+    """An exploration runs once the draft's backlog fits beside two tokens a request; the
+    backlog never drops below each request's pending token, so with 8 requests and a budget
+    of 20 (< 3 x 8) no exploration can follow, and the draft is not run to catch up for one
+    (before, it ran a catch-up step every iteration). The same requests with a budget of 24
+    do catch up and explore."""
+    calls = {}
+    for budget in (20, 24):
+        eng = _CountingDraft(num_slots=8)
+        sched = Scheduler(eng, policy="adaserve", token_budget=budget, profile=STEEP8)
+        # prompts of 2 tokens: all 8 are prefilled in one step and decode together
+        reqs = [_req(i, prompt_len=2, max_tokens=120, tpot_slo_ms=1e4) for i in range(8)]
+        states = [sched.submit(r) for r in reqs]
+        sched.run_until_done()
+        assert [s.output for s in states] == [_expected(r) for r in reqs]
+        calls[budget] = (len(eng.draft_calls), eng.expands)
+    # 20: the prompts' prefill and the first exploration (it chooses roots only), nothing after
+    assert calls[20] == (2, 1)
+    assert calls[24][1] > 1 and calls[24][0] > calls[24][1] + 1
+
+
 def test_adaserve_skips_explorations_the_last_one_says_would_choose_roots_only():
     """A request alone on STEEP8 speculates (a tree costs nothing over its root), so the
     calibrator learns the draft's acceptance. While 8 requests decode (a 9th token costs 50x),
