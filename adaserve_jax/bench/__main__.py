@@ -69,12 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-budget", type=positive(int), default=None)
     ap.add_argument(
         "--baseline",
-        choices=("profile", "measured", "per-load", "per-run"),
+        choices=("profile", "measured", "per-load", "per-round", "per-run"),
         default="profile",
         help="baseline TPOT scaling SLOs and arrivals: the engine's start-up profile, or one "
         "request served alone through the scheduler right before the sweep (measured; includes "
         "host overhead and current machine load), or right before each time scale (per-load: "
         "the median of 7 probes; every policy at that load gets the same SLOs and arrivals), "
+        "or right before each round of a load (per-round: the median of 7 probes; every "
+        "policy in that round gets the same SLOs and arrivals, with --repeats), "
         "or right before every policy's replay (per-run: each replay's SLOs and arrivals "
         "follow the machine's speed as it ran)",
     )
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = engine.baseline_tpot_ms
     try:
-        if args.baseline in ("measured", "per-load", "per-run"):
+        if args.baseline in ("measured", "per-load", "per-round", "per-run"):
             probe = build_requests(
                 engine, entries[:1], max_output_len=32, max_prompt_len=args.max_prompt_len
             )[0]
@@ -218,9 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     settings["repeats"] = args.repeats
     settings["order"] = args.order
     per_run = {}
-    if args.baseline in ("per-run", "per-load"):
+    if args.baseline in ("per-run", "per-load", "per-round"):
         every = args.baseline.removeprefix("per-")
-        probes = 7 if every == "load" else 3  # a load's SLOs stand for minutes of replays
+        # a load's or a round's SLOs stand for minutes of replays, a run's for one
+        probes = 3 if every == "run" else 7
 
         def rebaseline() -> float:
             b = measure_baseline_tpot_ms(engine, probe, repeats=probes)

@@ -303,6 +303,12 @@ def run_sweep(
     once right before each time scale instead, and every policy and round at that scale
     gets the same requests and arrivals (the point records its `"baseline_tpot_ms"`), so the
     policies at one load are compared on equal terms at the machine's speed of that stretch.
+    `rebaseline_every="round"`: measured right before each round of a load (one replay of
+    every policy), and every policy in that round gets its requests and arrivals: the
+    policies of a round compare on equal terms, and the SLOs follow the machine's speed round
+    by round instead of standing for all of a load's rounds (at x8 with 5 policies and 3
+    rounds, 11 minutes of a CPU whose speed drifts by tens of percent between minutes). Each
+    summary records its rounds' `"baseline_tpot_ms"` (a list), as with per-run baselines.
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"{repeats=} must be an int >= 1")
@@ -310,10 +316,11 @@ def run_sweep(
         raise ValueError(f"{order=} must be one of {SWEEP_ORDERS}")
     if (rebaseline is None) != (requests_for is None):
         raise ValueError("rebaseline and requests_for go together")
-    if rebaseline_every not in ("run", "load"):
-        raise ValueError(f"{rebaseline_every=} must be 'run' or 'load'")
+    if rebaseline_every not in ("run", "load", "round"):
+        raise ValueError(f"{rebaseline_every=} must be 'run', 'load' or 'round'")
     per_load = rebaseline is not None and rebaseline_every == "load"
-    per_run = rebaseline is not None and not per_load
+    per_round = rebaseline is not None and rebaseline_every == "round"
+    per_run = rebaseline is not None and rebaseline_every == "run"
     out = []
     baseline = baseline_tpot_ms or engine.baseline_tpot_ms
     for scale in time_scales:
@@ -327,6 +334,10 @@ def run_sweep(
             point["baseline_tpot_ms"] = baseline
         raws: dict[str, list[_Raw]] = {p: [] for p in policies}
         for rnd in range(repeats):
+            if per_round:  # this round's baseline, requests and arrivals: every policy's
+                round_base = float(rebaseline())
+                round_reqs = requests_for(round_base)
+                round_arr = arrival_times_s(list(entries), round_base, scale)
             reverse = order == "alternate" and rnd % 2 == 1
             for policy in policies[::-1] if reverse else policies:
                 if "error" in point["policies"].get(policy, {}):
@@ -338,6 +349,8 @@ def run_sweep(
                         base = float(rebaseline())
                         reqs = requests_for(base)
                         arr = arrival_times_s(list(entries), base, scale)
+                    elif per_round:
+                        reqs, arr, base = round_reqs, round_arr, round_base
                     raw = replay(engine, policy, reqs, arr, progress=progress, desc=desc).raw
                     if base is not None:
                         raw = dataclasses.replace(

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         arrivals = arrival_times_s(entries, b, point["time_scale"])
         point_requests = requests if b == baseline else requests_at(b)
         for policy, rs in point["policies"].items():
-            # `--baseline per-run` benches: every round had its own baseline (SLOs, arrivals)
+            # `--baseline per-run` / `per-round` benches: every round had its own baseline
             rounds = [(point_requests, arrivals)]
             if isinstance(rs.get("baseline_tpot_ms"), list):
                 rounds = [

@@ -162,6 +162,13 @@ class FakeEngine:
         return Scheduler(self, policy=policy, **kwargs)
 
 
+class SarathiToo(FakeEngine):
+    """`FakeEngine` on which sarathi runs too."""
+
+    def _scheduler(self, policy, **kwargs):
+        return Scheduler(self, policy=policy, **kwargs)
+
+
 def test_sweep_on_fake_engine_records_a_failing_policy_and_goes_on(tmp_path):
     workload = tmp_path / "trace.json"
     workload.write_text(json.dumps(trace(6)))
@@ -301,3 +308,45 @@ def test_sweep_per_load_baselines_are_shared_by_the_loads_replays(tmp_path):
             engine, entries, requests, ["autoregressive"], [0.01], progress=False,
             rebaseline=lambda: 2.0, requests_for=requests_for, rebaseline_every="policy",
         )  # fmt: skip
+
+
+def test_sweep_per_round_baselines_are_shared_by_the_rounds_policies(tmp_path):
+    """`rebaseline_every="round"`: one baseline per round of a load, measured before the
+    round; both policies of a round replay its requests and arrivals, the next round gets a
+    new one, and each summary records its rounds' baselines."""
+    workload = tmp_path / "trace.json"
+    workload.write_text(json.dumps(trace(6)))
+    entries = load_workload(workload)
+    engine = SarathiToo()
+    bases = iter([2.0, 3.0, 4.0, 5.0])
+
+    def requests_for(b):
+        return build_requests(engine, entries, max_output_len=5, max_prompt_len=8,
+                              baseline_tpot_ms=b)  # fmt: skip
+
+    seen = []
+    inner = replay_module.replay
+
+    def spy(engine_, policy, reqs, arr, **kw):
+        seen.append((policy, reqs[0].tpot_slo_ms, float(arr[-1])))
+        return inner(engine_, policy, reqs, arr, **kw)
+
+    policies = ["autoregressive", "sarathi"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replay_module, "replay", spy)
+        sweep = run_sweep(
+            engine, entries, requests_for(1.0), policies, [0.01, 0.02], progress=False,
+            log=lambda *a, **k: None, repeats=2, order="cycle", rebaseline=lambda: next(bases),
+            requests_for=requests_for, rebaseline_every="round",
+        )  # fmt: skip
+    assert len(seen) == 8  # 2 loads x 2 rounds x 2 policies
+    for i, b in enumerate((2.0, 3.0, 4.0, 5.0)):  # round i: both policies, baseline b
+        scale = (0.01, 0.02)[i // 2]
+        arr = arrival_times_s(entries, b, scale)
+        want = (requests_for(b)[0].tpot_slo_ms, pytest.approx(float(arr[-1])))
+        assert [x[0] for x in seen[2 * i : 2 * i + 2]] == policies
+        assert all(x[1:] == want for x in seen[2 * i : 2 * i + 2])
+    for pt, rounds in zip(sweep, ([2.0, 3.0], [4.0, 5.0]), strict=True):
+        assert "baseline_tpot_ms" not in pt
+        for s in pt["policies"].values():
+            assert s["baseline_tpot_ms"] == rounds and s["requests"] == 12
