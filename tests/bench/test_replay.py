@@ -262,6 +262,25 @@ def test_sweep_per_run_baselines_rebuild_each_replay(tmp_path):
                   rebaseline=lambda: 2.0)  # fmt: skip
 
 
+def _spied_sweep(engine, entries, requests, policies, scales, **kw):
+    """`run_sweep` quietly, recording every replay's (policy, first request's TPOT SLO, last
+    arrival)."""
+    seen = []
+    inner = replay_module.replay
+
+    def spy(engine_, policy, reqs, arr, **kw_):
+        seen.append((policy, reqs[0].tpot_slo_ms, float(arr[-1])))
+        return inner(engine_, policy, reqs, arr, **kw_)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replay_module, "replay", spy)
+        sweep = run_sweep(
+            engine, entries, requests, policies, scales, progress=False,
+            log=lambda *a, **k: None, **kw,
+        )  # fmt: skip
+    return sweep, seen
+
+
 def test_sweep_per_load_baselines_are_shared_by_the_loads_replays(tmp_path):
     """`rebaseline_every="load"`: one baseline per time scale, measured before its replays;
     every round (and policy) at that scale replays the same requests and arrivals, and the
@@ -278,21 +297,11 @@ def test_sweep_per_load_baselines_are_shared_by_the_loads_replays(tmp_path):
         return build_requests(engine, entries, max_output_len=5, max_prompt_len=8,
                               baseline_tpot_ms=b)  # fmt: skip
 
-    seen = []
-    inner = replay_module.replay
-
-    def spy(engine_, policy, reqs, arr, **kw):
-        seen.append((policy, reqs[0].tpot_slo_ms, float(arr[-1])))
-        return inner(engine_, policy, reqs, arr, **kw)
-
     requests = requests_for(1.0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(replay_module, "replay", spy)
-        sweep = run_sweep(
-            engine, entries, requests, ["autoregressive"], [0.01, 0.02], progress=False,
-            log=lambda *a, **k: None, repeats=2, rebaseline=lambda: next(bases),
-            requests_for=requests_for, rebaseline_every="load",
-        )  # fmt: skip
+    sweep, seen = _spied_sweep(
+        engine, entries, requests, ["autoregressive"], [0.01, 0.02], repeats=2,
+        rebaseline=lambda: next(bases), requests_for=requests_for, rebaseline_every="load",
+    )  # fmt: skip
     assert built == [1.0, 2.0, 3.0]
     assert [pt["baseline_tpot_ms"] for pt in sweep] == [2.0, 3.0]
     assert len(seen) == 4  # 2 loads x 2 rounds, load by load
@@ -324,21 +333,11 @@ def test_sweep_per_round_baselines_are_shared_by_the_rounds_policies(tmp_path):
         return build_requests(engine, entries, max_output_len=5, max_prompt_len=8,
                               baseline_tpot_ms=b)  # fmt: skip
 
-    seen = []
-    inner = replay_module.replay
-
-    def spy(engine_, policy, reqs, arr, **kw):
-        seen.append((policy, reqs[0].tpot_slo_ms, float(arr[-1])))
-        return inner(engine_, policy, reqs, arr, **kw)
-
     policies = ["autoregressive", "sarathi"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(replay_module, "replay", spy)
-        sweep = run_sweep(
-            engine, entries, requests_for(1.0), policies, [0.01, 0.02], progress=False,
-            log=lambda *a, **k: None, repeats=2, order="cycle", rebaseline=lambda: next(bases),
-            requests_for=requests_for, rebaseline_every="round",
-        )  # fmt: skip
+    sweep, seen = _spied_sweep(
+        engine, entries, requests_for(1.0), policies, [0.01, 0.02], repeats=2, order="cycle",
+        rebaseline=lambda: next(bases), requests_for=requests_for, rebaseline_every="round",
+    )  # fmt: skip
     assert len(seen) == 8  # 2 loads x 2 rounds x 2 policies
     for i, b in enumerate((2.0, 3.0, 4.0, 5.0)):  # round i: both policies, baseline b
         scale = (0.01, 0.02)[i // 2]
