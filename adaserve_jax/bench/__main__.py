@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=SWEEP_ORDERS,
         default="alternate",
         help="with --repeats: alternate = ABC CBA ... (the last policy's rounds back to back); "
-        "cycle = ABC ABC ... (every policy's rounds equally far apart)",
+        "cycle = ABC ABC ... (every policy's rounds equally far apart); rotate = ABC BCA CAB "
+        "... (each round starts one policy later: no policy always runs first after a "
+        "per-load or per-round baseline)",
     )
     ap.add_argument("--reprofile", action="store_true", help="measure the latency profile again")
     ap.add_argument(

@@ -38,7 +38,7 @@ SPEC_HEADROOM = 32
 # device calls whose speed against the start-up profile a replay records (`*_speed`)
 SPEED_KINDS = ("verify", "draft", "expand")
 # how the policies take turns when a sweep repeats every load (`run_sweep`)
-SWEEP_ORDERS = ("alternate", "cycle")
+SWEEP_ORDERS = ("alternate", "cycle", "rotate")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -292,7 +292,11 @@ def run_sweep(
     time, `"repeats": N`). `order` "alternate": in reverse order every other round (ABC CBA
     ABC ...; balanced against a steady drift, but the last policy's rounds run back to back,
     so one slow minute can take both); "cycle": the same order every round (ABC ABC ...;
-    every policy's rounds the same number of replays apart).
+    every policy's rounds the same number of replays apart); "rotate": each round starts one
+    policy later (ABC BCA CAB ...): with baselines measured per load or per round, the
+    policy right after a measurement runs nearest to the speed the SLOs were set at, and a
+    policy's place in the round moves on (with as many rounds as policies, every policy has
+    every place once).
 
     `rebaseline` (with `requests_for`): per-run baselines. Right before every replay the
     baseline TPOT is measured again (`rebaseline()`), and that replay's requests
@@ -338,8 +342,13 @@ def run_sweep(
                 round_base = float(rebaseline())
                 round_reqs = requests_for(round_base)
                 round_arr = arrival_times_s(list(entries), round_base, scale)
-            reverse = order == "alternate" and rnd % 2 == 1
-            for policy in policies[::-1] if reverse else policies:
+            turn = list(policies)
+            if order == "alternate" and rnd % 2 == 1:
+                turn.reverse()
+            elif order == "rotate":
+                k = rnd % len(turn)
+                turn = turn[k:] + turn[:k]
+            for policy in turn:
                 if "error" in point["policies"].get(policy, {}):
                     continue
                 desc = f"{policy} x{scale:g}" + (f" ({rnd + 1}/{repeats})" if repeats > 1 else "")

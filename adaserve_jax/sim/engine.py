@@ -30,6 +30,7 @@ device work is replaced:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -88,6 +89,31 @@ class SpeedTrace:
         return float(row[min(max(int(t), 0), row.size - 1)])
 
 
+class SpeedJitter:
+    """How a real machine's device calls scatter around their second's speed: per kind of call
+    ("verify", "draft", "expand"), a sample of calls' wall time over price divided by their
+    second's time-weighted ratio (what `SpeedTrace` holds), normalized to mean 1. A
+    `SpeedTrace` gives each simulated call its second's mean; `draw` multiplies in one such
+    call's scatter, so a simulated second holds the real mix of fast steps and slow outliers
+    (which moves SLO pacing: an outlier step costs a tight request its slack at once). A kind
+    without a sample uses `fallback`'s."""
+
+    def __init__(self, per_kind: dict[str, Sequence[float]], fallback: str = "verify") -> None:
+        self._samples: dict[str, np.ndarray] = {}
+        for kind, values in per_kind.items():
+            x = np.asarray(values, np.float64).ravel()
+            if not x.size or not (np.isfinite(x).all() and x.min() > 0):
+                raise ValueError(f"speed jitter {kind!r}: needs finite ratios > 0")
+            self._samples[kind] = x / x.mean()
+        if fallback not in self._samples:
+            raise ValueError(f"speed jitter has no {fallback!r} sample")
+        self.fallback = fallback
+
+    def draw(self, kind: str, rng: np.random.Generator) -> float:
+        x = self._samples.get(kind, self._samples[self.fallback])
+        return float(x[rng.integers(x.size)])
+
+
 class SimEngine:
     """StepEngine protocol (scheduler/loop.py) on a virtual clock; see the module docstring."""
 
@@ -102,6 +128,7 @@ class SimEngine:
         seed: int = 0,
         draft_topk: int = 8,
         speed: SpeedTrace | None = None,
+        jitter: SpeedJitter | None = None,
     ) -> None:
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"{num_slots=} must be >= 1 and {max_len=} >= 2")
@@ -120,6 +147,8 @@ class SimEngine:
         self.draft_seconds = 0.0
         self.cpu_seconds = 0.0  # host CPU time inside this engine (not the scheduler's)
         self.speed = speed  # a real replay's device speed over time (validation), else 1.0
+        self.jitter = jitter  # each call's scatter around that speed (its own random stream)
+        self._jitter_rng = np.random.default_rng([seed, 1])
 
     # ---- StepEngine --------------------------------------------------------------------
     def forward(
@@ -222,7 +251,10 @@ class SimEngine:
 
     # ---- internals ---------------------------------------------------------------------
     def _factor(self, kind: str) -> float:
-        return 1.0 if self.speed is None else self.speed.factor(kind, self.clock())
+        f = 1.0 if self.speed is None else self.speed.factor(kind, self.clock())
+        if self.jitter is not None:
+            f *= self.jitter.draw(kind, self._jitter_rng)
+        return f
 
     def _draw_truth(self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray,
                     q: np.ndarray, first: int, depth: int) -> None:  # fmt: skip

@@ -32,7 +32,7 @@ from adaserve_jax.scheduler.loop import Scheduler
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.scheduler.request import Phase, Request, RequestState
 from adaserve_jax.sim.calibration import Calibration
-from adaserve_jax.sim.engine import SimEngine, SpeedTrace, VirtualClock
+from adaserve_jax.sim.engine import SimEngine, SpeedJitter, SpeedTrace, VirtualClock
 from adaserve_jax.sim.profiles import SimProfile
 
 PAPER_SLO_MULTIPLE = {"coding": 1.2, "chat": 50.0 / 30.0, "summarization": 5.0}
@@ -131,9 +131,10 @@ def simulate(
     arrivals_s: np.ndarray,
     settings: SimSettings = SimSettings(),
     speed: SpeedTrace | None = None,
+    jitter: SpeedJitter | None = None,
 ) -> SimRun:
     """Replay `requests` at `arrivals_s` (sorted seconds from 0) with `policy`; `speed`
-    scales the device calls over time (sim/engine.py)."""
+    scales the device calls over time and `jitter` scatters each call around it (sim/engine.py)."""
     if len(requests) != len(arrivals_s):
         raise ValueError(f"{len(requests)} requests but {len(arrivals_s)} arrival times")
     arrivals_s = np.asarray(arrivals_s, np.float64)
@@ -149,6 +150,7 @@ def simulate(
         clock=clock,
         seed=settings.seed,
         speed=speed,
+        jitter=jitter,
     )
     finished: list[float] = []
     sched = Scheduler(

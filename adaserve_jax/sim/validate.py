@@ -48,7 +48,7 @@ from pathlib import Path
 from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
 from adaserve_jax.sim.calibration import load_calibration
-from adaserve_jax.sim.engine import SpeedTrace
+from adaserve_jax.sim.engine import SpeedJitter, SpeedTrace
 from adaserve_jax.sim.profiles import load_profile, parse_profile
 from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, tokenized_lengths
 
@@ -141,8 +141,22 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="POLICY",
         help="with --speed trace: replay every policy at this policy's per-second speeds",
     )
+    ap.add_argument(
+        "--jitter",
+        default=None,
+        metavar="FILE",
+        help="scatter every simulated device call around its speed by a real machine's "
+        "sample (JSON {kind: [ratio, ...]}: calls' wall time over price, each over its "
+        "second's ratio; sim/engine.py SpeedJitter)",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
+    jitter = None
+    if args.jitter is not None:
+        try:
+            jitter = SpeedJitter(json.loads(Path(args.jitter).read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise SystemExit(f"error: --jitter {args.jitter}: {exc}") from None
     scale = args.speed_scale
     real = json.loads(Path(args.bench_json).read_text())
     st = real["settings"]
@@ -263,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
                     slo_pacing=bool(st.get("slo_pacing", False)),
                 )  # fmt: skip
                 for (reqs, arr), trace in zip(rounds, traces, strict=True):
-                    sims.append(simulate(profile, cal, policy, reqs, arr, settings, trace).summary)
+                    run = simulate(profile, cal, policy, reqs, arr, settings, trace, jitter)
+                    sims.append(run.summary)
             att = sum(s["attainment"] for s in sims) / len(sims)
             good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
             acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
@@ -318,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speed": args.speed if per_cell or traced else speed,
         "speed_scale": scale,
         "trace_of": args.trace_of,
+        "jitter": args.jitter,
         "calibration": cal.path,
         "summary": summary,
         "rows": rows,

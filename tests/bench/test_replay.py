@@ -201,7 +201,8 @@ def test_sweep_repeats_take_turns_in_alternating_order_and_pool(tmp_path):
 
         def _scheduler(self, policy, **kwargs):
             self.order.append(policy)
-            return Scheduler(self, policy=policy, **kwargs)
+            plain = policy if policy in ("autoregressive", "sarathi") else "autoregressive"
+            return Scheduler(self, policy=plain, **kwargs)
 
     engine = Recording()
     requests = build_requests(engine, entries, max_output_len=5, max_prompt_len=8)
@@ -225,6 +226,14 @@ def test_sweep_repeats_take_turns_in_alternating_order_and_pool(tmp_path):
         repeats=3, order="cycle",
     )  # fmt: skip
     assert engine.order == [ar, sa, ar, sa, ar, sa]
+    # "rotate": each round starts one policy later (a third name, served plainly here)
+    engine.order.clear()
+    sp = "spec:2"
+    run_sweep(
+        engine, entries, requests, [ar, sa, sp], [0.01], progress=False,
+        log=lambda *a, **k: None, repeats=4, order="rotate",
+    )  # fmt: skip
+    assert engine.order == [ar, sa, sp, sa, sp, ar, sp, ar, sa, ar, sa, sp]
     with pytest.raises(ValueError, match="order"):
         run_sweep(engine, entries, requests, [ar], [0.01], progress=False, order="random")
 

@@ -363,6 +363,40 @@ def test_speed_trace_factors():
             SpeedTrace({"verify": [1.0, bad]})
 
 
+def test_speed_jitter_scatters_each_call_around_its_speed(cal):
+    """With a SpeedJitter every plain step costs its price x the trace's factor x one draw of
+    the sample normalized to mean 1 (so the factors average the trace's); the draws come from
+    the engine's own seeded stream (same seed, same steps), and a kind without a sample uses
+    verify's. Bad samples are refused by kind."""
+    from adaserve_jax.sim.engine import SpeedJitter, SpeedTrace
+
+    prof = paper_profile()
+
+    def factors(seed):
+        clock = VirtualClock()
+        eng = SimEngine(prof, cal, num_slots=4, max_len=512, clock=clock, seed=seed,
+                        speed=SpeedTrace({"verify": [2.0]}),
+                        jitter=SpeedJitter({"verify": [1.0, 1.0, 4.0]}))  # fmt: skip
+        sched = Scheduler(eng, policy="autoregressive", token_budget=64, clock=clock)
+        sched.submit(Request("a", (1,) * 10, 300))
+        sched.run_until_done()
+        price = np.array([prof.verify_ms(r.tokens) / 1e3 for r in sched.step_log])
+        return np.array([r.seconds for r in sched.step_log]) / price
+
+    f = factors(0)
+    np.testing.assert_allclose(np.unique(f.round(9)), [2.0 * 0.5, 2.0 * 2.0])  # 2 x {1, 4}/2
+    assert 0.8 < f.mean() / 2.0 < 1.2 and (f > 2).sum() > 50
+    np.testing.assert_array_equal(f, factors(0))
+    assert not np.array_equal(f, factors(1))
+    jit = SpeedJitter({"verify": [2.0]})
+    assert jit.draw("expand", np.random.default_rng(0)) == 1.0
+    for bad in ([], [1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="'verify'"):
+            SpeedJitter({"verify": bad})
+    with pytest.raises(ValueError, match="no 'verify' sample"):
+        SpeedJitter({"draft": [1.0]})
+
+
 def test_budget_rule_prices_drafting_with_the_measured_expansion_call(cal, monkeypatch):
     """AdaServe's budget rule prices an iteration's drafting as the draft step over its
     catch-up chains plus the profile's expansion call for the shape and rows; a profile

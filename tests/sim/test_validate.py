@@ -224,6 +224,26 @@ def test_trace_of_replays_every_policy_at_one_policys_speeds(tmp_path, cal_file)
         run(path, cal_file, "--speed", "trace", "--trace-of", "adaserve")  # not in the run
 
 
+def test_jitter_scatters_the_simulated_calls_and_bad_files_are_errors(tmp_path, cal_file):
+    """`--jitter FILE`: every simulated call also draws from a real machine's scatter around
+    its speed (a slow outlier 1 in 3 calls here lengthens the TPOT tail, the mean step about
+    the same); the output records the file. An unreadable or malformed file is an error
+    naming it."""
+    path = bench_json(tmp_path, {"autoregressive": 0.0})
+    plain = run(path, cal_file)["rows"][0]
+    jit = tmp_path / "jitter.json"
+    jit.write_text(json.dumps({"verify": [0.5, 0.5, 2.0]}))
+    out = run(path, cal_file, "--jitter", str(jit))
+    assert out["jitter"] == str(jit)
+    assert out["rows"][0]["sim_tpot_p50_ms"] != plain["sim_tpot_p50_ms"]
+    for content in ("{", '{"verify": [0.0]}', '{"draft": [1.0]}', "[1.0]"):
+        jit.write_text(content)
+        with pytest.raises(SystemExit, match="--jitter .*jitter.json"):
+            run(path, cal_file, "--jitter", str(jit))
+    with pytest.raises(SystemExit, match="--jitter .*missing.json"):
+        run(path, cal_file, "--jitter", str(tmp_path / "missing.json"))
+
+
 def test_gap_summary_per_policy_and_overall():
     from adaserve_jax.sim.validate import gap_summary
 
