@@ -58,6 +58,8 @@ class _Raw:
     # per kind, per second of the replay since its start: (wall time, price) summed over the
     # calls that began in that second
     speed_bins: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
+    # per kind, the second (index into speed_bins) each call of `speeds` began in
+    call_seconds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     baseline_tpot_ms: float | None = None  # the replay's own baseline (per-run baselines)
     offered_rps: float | None = None  # of the replay's own arrivals (per-run baselines)
 
@@ -161,6 +163,7 @@ def replay(
     # how fast the machine ran each kind of device call against its start-up profile
     speeds: dict[str, list[float]] = {kind: [] for kind in SPEED_KINDS}
     bins: dict[str, list[list[float]]] = {kind: [] for kind in SPEED_KINDS}
+    call_secs: dict[str, list[int]] = {kind: [] for kind in SPEED_KINDS}
     observes = hasattr(engine, "on_device_call")
     if observes:
 
@@ -168,6 +171,7 @@ def replay(
             if price_s > 0:
                 speeds[kind].append(seconds / price_s)
                 sec, row = int(clock() - seconds - t0), bins[kind]
+                call_secs[kind].append(sec)
                 while len(row) <= sec:
                     row.append([0.0, 0.0])
                 row[sec][0] += seconds
@@ -212,6 +216,7 @@ def replay(
         host_s=host_s,
         speeds=speeds,
         speed_bins=bins,
+        call_seconds=call_secs,
     )
     return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
 
@@ -257,6 +262,7 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
             for r in raws
         ]
     summary["speed_trace"] = trace
+    summary["speed_scatter"] = {kind: _scatter(raws, kind) for kind in SPEED_KINDS}
     if len(raws) > 1:
         summary["repeats"] = len(raws)
     return summary
@@ -380,6 +386,28 @@ def run_sweep(
         point["policies"] = {p: point["policies"][p] for p in policies if p in point["policies"]}
         out.append(point)
     return out
+
+
+SCATTER_LEVELS = 51  # quantiles 0, 2, ..., 100% of `speed_scatter`
+
+
+def _scatter(raws: Sequence[_Raw], kind: str) -> list[float] | None:
+    """How this kind of call scattered around its second's speed, pooled over the rounds:
+    quantiles (0, 2, ..., 100%) of each call's wall time / price over its second's
+    time-weighted ratio (the `speed_trace` entry). None when no call was timed; a simulated
+    replay fed the trace draws from it (sim/engine.py SpeedJitter, validate --jitter cell)."""
+    rel = []
+    for r in raws:
+        ratios, secs = r.speeds.get(kind, []), r.call_seconds.get(kind, [])
+        if not ratios or len(secs) != len(ratios):
+            continue
+        bins = np.asarray(r.speed_bins[kind], np.float64)  # [seconds, (wall, price)]
+        per_second = bins[:, 0] / np.maximum(bins[:, 1], 1e-12)
+        rel.append(np.asarray(ratios) / per_second[np.asarray(secs)])
+    if not rel:
+        return None
+    q = np.quantile(np.concatenate(rel), np.linspace(0.0, 1.0, SCATTER_LEVELS))
+    return [round(float(x), 4) for x in q]
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:

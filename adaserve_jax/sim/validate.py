@@ -144,15 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--jitter",
         default=None,
-        metavar="FILE",
+        metavar="FILE|cell",
         help="scatter every simulated device call around its speed by a real machine's "
         "sample (JSON {kind: [ratio, ...]}: calls' wall time over price, each over its "
-        "second's ratio; sim/engine.py SpeedJitter)",
+        "second's ratio; sim/engine.py SpeedJitter), or 'cell': each replay's own "
+        "`speed_scatter` (benches since this option)",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     jitter = None
-    if args.jitter is not None:
+    if args.jitter is not None and args.jitter != "cell":
         try:
             jitter = SpeedJitter(json.loads(Path(args.jitter).read_text()))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -260,6 +261,15 @@ def main(argv: list[str] | None = None) -> dict:
                     raise SystemExit(
                         f"error: {args.bench_json}: {policy} at x{point['time_scale']}: "
                         f"field speed_trace: {exc}"
+                    ) from None
+            if args.jitter == "cell":
+                scatter = {k: v for k, v in (rs.get("speed_scatter") or {}).items() if v}
+                try:
+                    jitter = SpeedJitter(scatter)
+                except ValueError as exc:
+                    raise SystemExit(
+                        f"error: {args.bench_json}: {policy} at x{point['time_scale']}: field "
+                        f"speed_scatter: {exc} (re-run the bench, or --jitter FILE)"
                     ) from None
             if measured_host:
                 if rs.get("host_ms_per_iteration") is None:

@@ -105,10 +105,15 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
         (per_s,) = p["speed_trace"]["verify"]
         assert int(p["wall_s"] - 0.5) + 1 <= len(per_s) <= int(p["wall_s"]) + 1, name
         assert all(x is None or 0.1 < x < 10.0 for x in per_s), name
+        # each verify call over its second's ratio: 51 ascending quantiles around 1
+        scatter = p["speed_scatter"]["verify"]
+        assert len(scatter) == 51 and scatter == sorted(scatter), name
+        assert scatter[0] <= 1.0 <= scatter[-1] and 0.5 < scatter[25] < 2.0, name
     # the draft's calls are priced the same way, for the speculative policy only
     ar, ada = result["policies"]["autoregressive"], result["policies"]["adaserve"]
     assert ar["draft_speed"] is None and ar["expand_speed"] is None
     assert ar["draft_time_ratio"] is None and ar["speed_trace"]["draft"] == [[]]
+    assert ar["speed_scatter"]["draft"] is None and len(ada["speed_scatter"]["draft"]) == 51
     assert 0.2 < ada["draft_speed"] < 5.0 and 0.2 < ada["expand_speed"] < 5.0
     # the recorded profile prices the adaserve expansion call for the simulator's validation
     assert list(result["settings"]["latency_profile"]["expand_ms"]) == ["4,1,2"]

@@ -242,6 +242,16 @@ def test_jitter_scatters_the_simulated_calls_and_bad_files_are_errors(tmp_path, 
             run(path, cal_file, "--jitter", str(jit))
     with pytest.raises(SystemExit, match="--jitter .*missing.json"):
         run(path, cal_file, "--jitter", str(tmp_path / "missing.json"))
+    # 'cell': each replay's own recorded scatter; a cell without one is an error naming it
+    with pytest.raises(SystemExit, match="autoregressive at x2.0: field speed_scatter"):
+        run(path, cal_file, "--jitter", "cell")
+    with_cell_fields(path, "autoregressive", speed_scatter={"verify": [0.5, 0.5, 2.0]})
+    cell = run(path, cal_file, "--jitter", "cell")["rows"][0]
+    jit.write_text(json.dumps({"verify": [0.5, 0.5, 2.0]}))
+    assert (
+        cell["sim_tpot_p50_ms"]
+        == run(path, cal_file, "--jitter", str(jit))["rows"][0]["sim_tpot_p50_ms"]
+    )
 
 
 def test_gap_summary_per_policy_and_overall():
