@@ -2,7 +2,7 @@
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
         [--host-ms MS|measured] [--speed profile|measured|cell|cell-time|trace]
-        [--speed-scale X] [--trace-of POLICY]
+        [--speed-scale X] [--trace-of POLICY] [--jitter FILE|local|cell]
         [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
@@ -36,6 +36,9 @@ of the chosen speeds: how the outcomes would have moved had the machine run X ti
 (a sensitivity check, SIMULATION.md). `--trace-of POLICY` (with `--speed trace`) replays every
 policy at that one policy's per-second speeds, so the policies compare on the same machine
 minute (a what-if for comparing schedulers, not a validation of the other policies' cells).
+`--jitter` adds what a per-second trace averages away: every simulated call also draws its
+own scatter around its second's speed from a real sample (sim/jitter.py), so a simulated
+second holds the real mix of fast steps and slow outliers, which SLO pacing reacts to.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
 from adaserve_jax.sim.calibration import load_calibration
 from adaserve_jax.sim.engine import SpeedJitter, SpeedTrace
+from adaserve_jax.sim.jitter import LOCAL_JITTER
 from adaserve_jax.sim.profiles import load_profile, parse_profile
 from adaserve_jax.sim.replay import SimSettings, build_requests, simulate, tokenized_lengths
 
@@ -144,20 +148,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--jitter",
         default=None,
-        metavar="FILE|cell",
+        metavar="FILE|local|cell",
         help="scatter every simulated device call around its speed by a real machine's "
         "sample (JSON {kind: [ratio, ...]}: calls' wall time over price, each over its "
-        "second's ratio; sim/engine.py SpeedJitter), or 'cell': each replay's own "
-        "`speed_scatter` (benches since this option)",
+        "second's ratio; sim/engine.py SpeedJitter, sim/jitter.py), 'local': this machine's "
+        "(adaserve_jax/sim/jitter_local.json), or 'cell': each replay's own `speed_scatter`",
     )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
     jitter = None
     if args.jitter is not None and args.jitter != "cell":
+        jitter_path = LOCAL_JITTER if args.jitter == "local" else Path(args.jitter)
         try:
-            jitter = SpeedJitter(json.loads(Path(args.jitter).read_text()))
+            jitter = SpeedJitter(json.loads(jitter_path.read_text()))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise SystemExit(f"error: --jitter {args.jitter}: {exc}") from None
+            raise SystemExit(f"error: --jitter {jitter_path}: {exc}") from None
     scale = args.speed_scale
     real = json.loads(Path(args.bench_json).read_text())
     st = real["settings"]

@@ -280,3 +280,26 @@ def test_per_load_baseline_sets_the_points_slos(tmp_path, cal_file):
         (row,) = run(path, cal_file)["rows"]
         att[name] = row["sim_attainment"]
     assert att == {"loose": 1.0, "tight": 0.0}
+
+
+def test_jitter_pools_the_benches_scatter_per_kind(tmp_path):
+    """`python -m adaserve_jax.sim.jitter`: every cell's speed_scatter quantiles pooled per
+    kind (a kind no cell timed is left out), written as validate --jitter's JSON; benches
+    without any verify scatter are an error naming them."""
+    from adaserve_jax.sim.jitter import main as jitter_main
+
+    def bench(cells):
+        path = tmp_path / f"b{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"sweep": [{"time_scale": 1.0, "policies": cells}]}))
+        return str(path)
+
+    a = bench({"ar": {"speed_scatter": {"verify": [0.9, 1.0, 1.2], "draft": None}}})
+    b = bench({"ada": {"speed_scatter": {"verify": [0.8, 1.1], "expand": [1.0, 1.5]}}})
+    out = tmp_path / "jitter.json"
+    pooled = jitter_main([a, b, "--json", str(out)])
+    assert pooled == {"verify": [0.8, 0.9, 1.0, 1.1, 1.2], "expand": [1.0, 1.5]}
+    assert json.loads(out.read_text()) == pooled
+    with pytest.raises(SystemExit, match="no cell records speed_scatter"):
+        jitter_main([bench({"ar": {"speed_trace": {}}})])
+    with pytest.raises(SystemExit, match="missing.json"):
+        jitter_main([str(tmp_path / "missing.json")])
