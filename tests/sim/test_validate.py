@@ -242,6 +242,12 @@ def test_jitter_scatters_the_simulated_calls_and_bad_files_are_errors(tmp_path, 
             run(path, cal_file, "--jitter", str(jit))
     with pytest.raises(SystemExit, match="--jitter .*missing.json"):
         run(path, cal_file, "--jitter", str(tmp_path / "missing.json"))
+    # 'local': the shipped sample of this machine (sim/jitter_local.json), every kind timed
+    assert run(path, cal_file, "--jitter", "local")["jitter"] == "local"
+    local = json.loads(
+        (Path(__file__).parents[2] / "adaserve_jax/sim/jitter_local.json").read_text()
+    )
+    assert set(local) == {"verify", "draft", "expand"} and min(map(len, local.values())) > 100
     # 'cell': each replay's own recorded scatter; a cell without one is an error naming it
     with pytest.raises(SystemExit, match="autoregressive at x2.0: field speed_scatter"):
         run(path, cal_file, "--jitter", "cell")
