@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = engine.baseline_tpot_ms
     try:
-        if args.baseline in ("measured", "per-load", "per-round", "per-run"):
+        if args.baseline != "profile":  # measured, or per load / round / run
             probe = build_requests(
                 engine, entries[:1], max_output_len=32, max_prompt_len=args.max_prompt_len
             )[0]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings["repeats"] = args.repeats
     settings["order"] = args.order
     per_run = {}
-    if args.baseline in ("per-run", "per-load", "per-round"):
+    if args.baseline.startswith("per-"):
         every = args.baseline.removeprefix("per-")
         # a load's or a round's SLOs stand for minutes of replays, a run's for one
         probes = 3 if every == "run" else 7

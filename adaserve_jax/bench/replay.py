@@ -399,7 +399,7 @@ def _scatter(raws: Sequence[_Raw], kind: str) -> list[float] | None:
     rel = []
     for r in raws:
         ratios, secs = r.speeds.get(kind, []), r.call_seconds.get(kind, [])
-        if not ratios or len(secs) != len(ratios):
+        if not ratios:  # (`replay` appends a call's ratio and its second together)
             continue
         bins = np.asarray(r.speed_bins[kind], np.float64)  # [seconds, (wall, price)]
         per_second = bins[:, 0] / np.maximum(bins[:, 1], 1e-12)
