@@ -16,12 +16,14 @@ FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
 def documented_commands(text: str) -> list[tuple[str, str]]:
-    """(module or script, argument text) for every command in a markdown text; a command ends
-    at a closing backtick or at a line end not continued by a backslash."""
+    """(module or script, argument text) for every command in a markdown text. In a fenced
+    block a command ends at a line end not continued by a backslash; elsewhere (an inline code
+    span, which may wrap over lines) at the closing backtick."""
     out = []
     for m in COMMAND.finditer(text):
         rest = text[m.end() :]
-        end = re.search(r"`|(?<!\\)\n", rest)
+        fenced = text.count("```", 0, m.start()) % 2 == 1
+        end = re.search(r"`|(?<!\\)\n" if fenced else "`", rest)
         out.append((m.group(1) or m.group(2), rest[: end.start() if end else None]))
     return out
 
@@ -36,7 +38,7 @@ def source_of(target: str) -> str:
 
 
 def test_parser_finds_commands_and_flags():
-    text = "run `python -m adaserve_jax.sim.validate R.json --jitter cell` then\n" + (
+    text = "run `python -m adaserve_jax.sim.validate R.json\n--jitter cell` then\n" + (
         "```\npython serve.py --port 1 \\\n  --policy x\nother --not-this\n```"
     )
     cmds = documented_commands(text)
