@@ -1,6 +1,6 @@
 """The docs' commands match the code: every `--flag` a documented `python -m adaserve_jax...`
-or `python serve.py` command passes is defined by that command's own source (its module, or
-every module of its package for a package's `__main__`)."""
+or `python serve.py` command passes is defined by that command's own source (its module, or a
+package's `__main__.py`)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def source_of(target: str) -> str:
     if target == "serve.py":
         return (ROOT / "serve.py").read_text()
     path = ROOT.joinpath(*target.split("."))
-    if path.is_dir():  # a package's __main__ may take its flags from sibling modules
-        return "".join(f.read_text() for f in sorted(path.glob("*.py")))
+    if path.is_dir():  # `python -m package` runs its __main__
+        return (path / "__main__.py").read_text()
     return path.with_suffix(".py").read_text()
 
 
