@@ -4,6 +4,7 @@ package's `__main__.py`)."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
@@ -28,6 +29,7 @@ def documented_commands(text: str) -> list[tuple[str, str]]:
     return out
 
 
+@functools.cache
 def source_of(target: str) -> str:
     if target == "serve.py":
         return (ROOT / "serve.py").read_text()

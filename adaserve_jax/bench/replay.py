@@ -258,7 +258,7 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
         price = sum(p for _, p in cells)
         summary[f"{kind}_time_ratio"] = sum(w for w, _ in cells) / price if price > 0 else None
         trace[kind] = [
-            [round(w / p, 4) if p > 0 else None for w, p in r.speed_bins.get(kind, [])]
+            [None if np.isnan(x) else round(float(x), 4) for x in _per_second(r, kind)]
             for r in raws
         ]
     summary["speed_trace"] = trace
@@ -401,13 +401,19 @@ def _scatter(raws: Sequence[_Raw], kind: str) -> list[float] | None:
         ratios, secs = r.speeds.get(kind, []), r.call_seconds.get(kind, [])
         if not ratios:  # (`replay` appends a call's ratio and its second together)
             continue
-        bins = np.asarray(r.speed_bins[kind], np.float64)  # [seconds, (wall, price)]
-        per_second = bins[:, 0] / np.maximum(bins[:, 1], 1e-12)
-        rel.append(np.asarray(ratios) / per_second[np.asarray(secs)])
+        rel.append(np.asarray(ratios) / _per_second(r, kind)[np.asarray(secs)])
     if not rel:
         return None
     q = np.quantile(np.concatenate(rel), np.linspace(0.0, 1.0, SCATTER_LEVELS))
     return [round(float(x), 4) for x in q]
+
+
+def _per_second(raw: _Raw, kind: str) -> np.ndarray:
+    """f64[seconds]: each second's calls of `kind`, summed wall time over summed price (NaN for
+    a second without such calls)."""
+    bins = np.asarray(raw.speed_bins.get(kind, []), np.float64).reshape(-1, 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(bins[:, 1] > 0, bins[:, 0] / bins[:, 1], np.nan)
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
