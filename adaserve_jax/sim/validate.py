@@ -39,6 +39,11 @@ minute (a what-if for comparing schedulers, not a validation of the other polici
 `--jitter` adds what a per-second trace averages away: every simulated call also draws its
 own scatter around its second's speed from a real sample (sim/jitter.py), so a simulated
 second holds the real mix of fast steps and slow outliers, which SLO pacing reacts to.
+
+Every row also records each seed's attainment (`sim_attainment_seeds`), and the summary the
+gap a perfect simulator would still show against one real run if the real run scattered as
+much as the seeds do (`noise_floor_pp`, `noise_floor_pp()`). Repeats of one bench command
+are compared on their means by `python -m adaserve_jax.sim.pool` (sim/pool.py).
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 from adaserve_jax.bench.cli import positive
 from adaserve_jax.bench.workload import arrival_times_s, load_workload, take
@@ -108,6 +116,26 @@ def gap_summary(rows: list[dict]) -> dict:
         for name, g in groups.items()
         if g
     }
+
+
+def noise_floor_pp(rows: list[dict], seeds: int) -> dict:
+    """Per policy and overall: the mean |attainment gap| (pp) a simulator that models the
+    real engine exactly would still show against one real run, were the real run's sampling
+    scatter (which requests' acceptance draws go well) the simulator's own seed-to-seed
+    scatter. A real run is one draw, the simulator the mean of `seeds` draws, so for normal
+    scatter with standard deviation sd their gap has E|gap| = sd * sqrt(1 + 1/seeds) *
+    sqrt(2/pi). Needs >= 2 seeds; rows without `sim_attainment_seeds` are left out."""
+    if seeds < 2:
+        return {}
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        xs = r.get("sim_attainment_seeds") or []
+        if len(xs) >= 2:
+            sd = float(np.std(xs, ddof=1))
+            e_gap = 100 * sd * math.sqrt((1 + 1 / len(xs)) * 2 / math.pi)
+            groups.setdefault(r["policy"], []).append(e_gap)
+    groups["all"] = [g for v in list(groups.values()) for g in v]
+    return {name: sum(g) / len(g) for name, g in groups.items() if g}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -295,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
                     run = simulate(profile, cal, policy, reqs, arr, settings, trace, jitter)
                     sims.append(run.summary)
             att = sum(s["attainment"] for s in sims) / len(sims)
+            # each seed's attainment over its rounds (rounds hold equal request counts)
+            per_seed = [
+                sum(s["attainment"] for s in sims[i : i + len(rounds)]) / len(rounds)
+                for i in range(0, len(sims), len(rounds))
+            ]
             good = sum(s["goodput_tokens_per_s"] for s in sims) / len(sims)
             acc = sum(s["mean_accepted_per_step"] for s in sims) / len(sims)
             # a pooled real entry sums its rounds' wall time
@@ -310,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "real_attainment": rs["attainment"],
                 "sim_attainment": att,
                 "attainment_gap_pp": 100 * (att - rs["attainment"]),
+                "sim_attainment_seeds": per_seed,
                 "real_goodput": rs["goodput_tokens_per_s"],
                 "sim_goodput": good,
                 "goodput_gap": good / rs["goodput_tokens_per_s"] - 1
@@ -335,10 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     summary = gap_summary(rows)
+    floor = noise_floor_pp(rows, args.seeds)
     for name, g in summary.items():
         print(
             f"{name:<15} mean |attainment gap| {g['mean_abs_gap_pp']:.1f} pp, "
-            f"{g['within_5pp']}/{g['points']} points within 5 pp",
+            f"{g['within_5pp']}/{g['points']} points within 5 pp"
+            + (f"; seed-scatter floor {floor[name]:.1f} pp" if name in floor else ""),
             flush=True,
         )
     out = {
@@ -350,7 +386,22 @@ def main(argv: list[str] | None = None) -> dict:
         "trace_of": args.trace_of,
         "jitter": args.jitter,
         "calibration": cal.path,
+        "setup": {  # what sim.pool checks repeats by (the workload by its file name)
+            "workload": Path(st["workload"]).name,
+            **{
+                key: st.get(key)
+                for key in (
+                    "num_requests",
+                    "max_output_len",
+                    "max_prompt_len",
+                    "max_batch",
+                    "token_budget",
+                )
+            },
+        },  # fmt: skip
+        "seeds": args.seeds,
         "summary": summary,
+        "noise_floor_pp": floor,
         "rows": rows,
     }
     if args.json_out:
