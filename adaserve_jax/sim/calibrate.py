@@ -40,6 +40,7 @@ class Recorder:
                          for d in range(1, depth + 1)}  # fmt: skip
         self.conf: dict[int, list[np.ndarray]] = {d: [] for d in range(1, depth + 1)}
         self.path_len: list[int] = []
+        self.roots: dict[int, list[tuple[int, float]]] = {}  # slot -> (root position, top q)
         self.trees = None
         self.rng = np.random.default_rng(seed)
 
@@ -61,6 +62,8 @@ class Recorder:
             q = np.exp(log_f[cs] - log_f[v]).astype(np.float64)
             q = np.sort(np.clip(q, 0.0, 1.0))[::-1]
             self.conf[int(depth[cs[0]])].append(q)
+            if v == 0:  # the root's confidence, in the slot's order of steps (streaks)
+                self.roots.setdefault(slot, []).append((int(seg.ctx_len), float(q[0])))
         # calibration on the accepted path: target token at node vs its drafted children
         for i in [0, *path]:
             v = int(sel[i])
@@ -97,8 +100,48 @@ class Recorder:
             lens, minlength=self.depth + 1
         ).tolist())  # fmt: skip
         return Calibration(
-            self.bins, self.matched, self.count, conf, per_depth, src, by_depth=self.by_depth
-        )
+            self.bins, self.matched, self.count, conf, per_depth, src, by_depth=self.by_depth,
+            streak=streak_of(list(self.roots.values())),
+        )  # fmt: skip
+
+
+def streak_of(runs: list[list[tuple[int, float]]]) -> dict:
+    """The streak fields (calibration.py) from every slot's steps in order, as (root position,
+    root top q): a position that does not grow starts a new request. Ranks every q among all
+    of them; `step_corr` is the rank correlation of consecutive steps of one request, and
+    `rho_per_token` the rho whose mean rho**gap over those pairs' gaps (tokens) equals it
+    (bisection; 0 when the correlation is not positive). Empty with fewer than 8 pairs."""
+    qs = np.array([q for run in runs for _, q in run])
+    if qs.size == 0:
+        return {}
+    order = np.argsort(qs, kind="stable")
+    rank = np.empty(qs.size)
+    rank[order] = (np.arange(qs.size) + 0.5) / qs.size
+    a, b, gaps, i = [], [], [], 0
+    for run in runs:
+        for (p0, _), (p1, _), j in zip(run, run[1:], range(i, i + len(run)), strict=False):
+            if p1 > p0:
+                a.append(rank[j])
+                b.append(rank[j + 1])
+                gaps.append(p1 - p0)
+        i += len(run)
+    if len(a) < 8:
+        return {}
+    corr = float(np.corrcoef(a, b)[0, 1])
+    g = np.array(gaps, np.float64)
+    rho = 0.0
+    if corr > 0:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):  # mean(rho**g) grows with rho from 0 to 1
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.mean(mid**g) < corr else (lo, mid)
+        rho = 0.5 * (lo + hi)
+    return {
+        "step_corr": round(corr, 4),
+        "mean_gap_tokens": round(float(g.mean()), 3),
+        "pairs": len(a),
+        "rho_per_token": round(min(rho, 0.999), 4),
+    }
 
 
 def record_simulated(
@@ -237,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         rates = {d: round(r, 3) for d, r in c.per_depth_rate().items()}
         hist = np.array(c.source["accepted_hist"])
         mean = 1 + (hist * np.arange(hist.size)).sum() / hist.sum()
-        print(f"{name}: per-depth acceptance {rates}; accepted/step (bonus incl.) {mean:.2f}")
+        print(
+            f"{name}: per-depth acceptance {rates}; accepted/step (bonus incl.) {mean:.2f}; "
+            f"streak {c.streak or '-'}"
+        )
     if args.profile_out:
         data = profile_from_engine_cache(
             engine.profile_path,

@@ -20,6 +20,16 @@ instrumented real runs (policy `tree:D,K`, greedy):
   depth's table is shrunk toward the pooled one with a few pseudo-counts.
 - **Per-depth acceptance** of the real walks (depth d reached / depth d-1 reached), for
   checking the simulator against the real pair (SIMULATION.md).
+- **Streaks** (optional field `streak`). Real text comes in stretches that are easy or hard
+  for the draft: a request's draft confidence at its tree root is correlated between
+  consecutive verify steps. The recorder ranks every step's root confidence (its top child's
+  q) among all of them and measures the rank correlation `step_corr` between a request's
+  consecutive steps, `mean_gap_tokens` tokens apart; `rho_per_token = step_corr **
+  (1 / mean_gap_tokens)`. The simulator gives every slot a latent quantile that it keeps
+  from one draft step to the next with probability `rho_per_token ** tokens advanced` and
+  redraws otherwise, and picks the root's confidence row at that quantile of the depth-1
+  samples (ordered by their top q), so an easy stretch stays easy for a while. Without the
+  field (or rho 0) every step draws its root row afresh, as before.
 
 The file (`calibration.json`) is validated on load; errors name the file and the field.
 Ranks beyond K never match; their `q` decays geometrically from `q_K` (documented
@@ -57,7 +67,9 @@ class Calibration:
     source: dict = dataclasses.field(default_factory=dict)
     path: str = ""
     by_depth: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    streak: dict = dataclasses.field(default_factory=dict)  # see the module docstring
     _table: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    _by_ease: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         b = np.asarray(self.bins, np.float64)
@@ -85,6 +97,11 @@ class Calibration:
                 raise ValueError(f"by_depth[{d}] tables must have shape {self.count.shape}")
             if np.any(c < 0) or np.any(m < 0) or np.any(m > c):
                 raise ValueError(f"by_depth[{d}]: need 0 <= matched <= count in every bin")
+        rho = self.streak.get("rho_per_token", 0.0)
+        if not (isinstance(rho, int | float) and 0.0 <= rho < 1.0):
+            raise ValueError(f"streak.rho_per_token={rho!r} must be a number in [0, 1)")
+        rows1 = self.confidence[1]
+        object.__setattr__(self, "_by_ease", rows1[np.argsort(rows1[:, 0], kind="stable")])
         mid = 0.5 * (b[1:] + b[:-1])
         pooled = (self.matched + PSEUDO_COUNTS * mid) / (self.count + PSEUDO_COUNTS)  # [K, B]
         # per child depth (index 0 = any depth without its own table), shrunk to the pooled rate;
@@ -122,7 +139,22 @@ class Calibration:
         """f32[n, k] draft top-k conditional probabilities of n nodes' children at `depth`."""
         known = depth if depth in self.confidence else max(d for d in self.confidence if d <= depth)
         rows = self.confidence[known]
-        pick = rows[rng.integers(0, rows.shape[0], size=n)]
+        return self._widen(rows[rng.integers(0, rows.shape[0], size=n)], k)
+
+    @property
+    def streak_rho(self) -> float:
+        """Per-token probability that a slot's draft ease carries over (0: no streaks)."""
+        return float(self.streak.get("rho_per_token", 0.0))
+
+    def confidence_at(self, ease: np.ndarray, k: int) -> np.ndarray:
+        """f32[n, k] root (depth-1) confidence rows at quantiles `ease` f64[n] in [0, 1) of
+        the depth-1 samples ordered by their top probability (streaks; module docstring)."""
+        rows = self._by_ease
+        pick = rows[np.minimum((ease * rows.shape[0]).astype(np.int64), rows.shape[0] - 1)]
+        return self._widen(pick, k)
+
+    def _widen(self, pick: np.ndarray, k: int) -> np.ndarray:
+        """The first k columns of sampled rows; ranks past the calibrated K extrapolated."""
         if k <= self.topk:
             return pick[:, :k]
         extra = pick[:, -1:] * EXTRA_RANK_DECAY ** np.arange(1, k - self.topk + 1)
@@ -162,6 +194,7 @@ class Calibration:
                 for d, rows in sorted(self.confidence.items())
             },
             "source": self.source,
+            **({"streak": self.streak} if self.streak else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -224,10 +257,13 @@ def load_calibration(path: str | Path | None = None) -> Calibration:
         raise CalibrationError(
             f"{path}: field 'confidence' or 'per_depth' malformed ({exc!r})"
         ) from None
+    streak = data.get("streak", {})
+    if not isinstance(streak, dict):
+        raise CalibrationError(f"{path}: field 'streak' must be an object, got {streak!r}")
     try:
         return Calibration(
             bins_arr, matched, count, confidence, depths, data.get("source", {}), str(path),
-            by_depth,
+            by_depth, streak,
         )  # fmt: skip
     except ValueError as exc:
         raise CalibrationError(f"{path}: {exc}") from None

@@ -149,6 +149,11 @@ class SimEngine:
         self.speed = speed  # a real replay's device speed over time (validation), else 1.0
         self.jitter = jitter  # each call's scatter around that speed (its own random stream)
         self._jitter_rng = np.random.default_rng([seed, 1])
+        # streaks (calibration.py): every slot's latent draft ease, a quantile in [0, 1), and
+        # the position up to which the draft has read it; its own random stream
+        self._ease = np.zeros(num_slots)
+        self._ease_pos = np.full(num_slots, -1, np.int64)
+        self._ease_rng = np.random.default_rng([seed, 2])
 
     # ---- StepEngine --------------------------------------------------------------------
     def forward(
@@ -189,7 +194,10 @@ class SimEngine:
         toks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), (total, k)).copy()
         if total:
             ends = offsets + lens - 1
-            q = self.calibration.sample_confidence(self.rng, 1, len(segments), k)
+            if self.calibration.streak_rho > 0.0:
+                q = self.calibration.confidence_at(self._step_ease(b.slots, b.ctx_lens + lens), k)
+            else:
+                q = self.calibration.sample_confidence(self.rng, 1, len(segments), k)
             with np.errstate(divide="ignore"):
                 vals[ends] = np.log(np.maximum(q, 1e-30))
         self.cpu_seconds += time.thread_time() - t0
@@ -250,6 +258,19 @@ class SimEngine:
         return DraftTrees(tokens, parents, log_f, depths, rank=layout_ranks(n, k))
 
     # ---- internals ---------------------------------------------------------------------
+    def _step_ease(self, slots: np.ndarray, end_pos: np.ndarray) -> np.ndarray:
+        """The slots' draft ease after reading up to `end_pos`: kept with probability rho per
+        token advanced, else redrawn; a slot whose position went back holds a new request."""
+        last = self._ease_pos[slots]
+        gap = end_pos - last
+        keep_p = np.where((last < 0) | (gap <= 0), 0.0, self.calibration.streak_rho**gap)
+        fresh = self._ease_rng.random(slots.size)
+        keep = self._ease_rng.random(slots.size) < keep_p
+        ease = np.where(keep, self._ease[slots], fresh)
+        self._ease[slots] = ease
+        self._ease_pos[slots] = end_pos
+        return ease
+
     def _factor(self, kind: str) -> float:
         f = 1.0 if self.speed is None else self.speed.factor(kind, self.clock())
         if self.jitter is not None:
