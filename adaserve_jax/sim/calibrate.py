@@ -40,14 +40,16 @@ class Recorder:
                          for d in range(1, depth + 1)}  # fmt: skip
         self.conf: dict[int, list[np.ndarray]] = {d: [] for d in range(1, depth + 1)}
         self.path_len: list[int] = []
-        self.roots: dict[int, list[tuple[int, float]]] = {}  # slot -> (root position, top q)
+        self.roots: dict = {}  # request (or slot) -> [(root position, top q)] in step order
         self.trees = None
         self.rng = np.random.default_rng(seed)
 
     def on_trees(self, trees) -> None:
         self.trees = trees
 
-    def on_commit(self, slot: int, seg, target: np.ndarray, shape) -> None:
+    def on_commit(self, slot: int, seg, target: np.ndarray, shape, key=None) -> None:
+        """One verified tree: slot `slot`'s segment, the target's tokens at its nodes; `key`
+        names the request (streaks pair consecutive steps of one request; default: slot)."""
         t = self.trees
         sel = fixed_selection(t, slot, shape)
         path, _ = accept_path(seg.parents, seg.tokens, target)
@@ -63,7 +65,9 @@ class Recorder:
             q = np.sort(np.clip(q, 0.0, 1.0))[::-1]
             self.conf[int(depth[cs[0]])].append(q)
             if v == 0:  # the root's confidence, in the slot's order of steps (streaks)
-                self.roots.setdefault(slot, []).append((int(seg.ctx_len), float(q[0])))
+                self.roots.setdefault(slot if key is None else key, []).append(
+                    (int(seg.ctx_len), float(q[0]))
+                )
         # calibration on the accepted path: target token at node vs its drafted children
         for i in [0, *path]:
             v = int(sel[i])
@@ -106,11 +110,12 @@ class Recorder:
 
 
 def streak_of(runs: list[list[tuple[int, float]]]) -> dict:
-    """The streak fields (calibration.py) from every slot's steps in order, as (root position,
-    root top q): a position that does not grow starts a new request. Ranks every q among all
-    of them; `step_corr` is the rank correlation of consecutive steps of one request, and
-    `rho_per_token` the rho whose mean rho**gap over those pairs' gaps (tokens) equals it
-    (bisection; 0 when the correlation is not positive). Empty with fewer than 8 pairs."""
+    """The streak fields (calibration.py) from every request's steps in order, as (root
+    position, root top q); a position that does not grow is not paired with the one before.
+    Ranks every q among all of them; `step_corr` is the rank correlation of consecutive steps
+    of one request, and `rho_per_token` the rho whose mean rho**gap over those pairs' gaps
+    (tokens) equals it (bisection; 0 when the correlation is not positive). Empty with fewer
+    than 8 pairs."""
     qs = np.array([q for run in runs for _, q in run])
     if qs.size == 0:
         return {}
@@ -193,7 +198,7 @@ def _record_commits(sched, rec: Recorder, shape) -> None:
 
     def commit(decode, segs, sampled, offsets, now):
         for r, seg, off in zip(decode, segs, offsets, strict=False):
-            rec.on_commit(r.slot, seg, sampled[off : off + len(seg)], shape)
+            rec.on_commit(r.slot, seg, sampled[off : off + len(seg)], shape, r.request.request_id)
         return inner_commit(decode, segs, sampled, offsets, now)
 
     sched._commit_trees = commit
