@@ -2,7 +2,7 @@
 
     python -m adaserve_jax.sim.calibrate [--target DIR] [--draft DIR] [--workload TRACE]
         [--prompts N] [--max-tokens L] [--depth D] [--topk K] [--out calibration.json]
-        [--streak] [--no-split] [--profile-out profiles/local.json]
+        [--profile-out profiles/local.json]
 
 Runs the real `Engine` (greedy, policy `tree:D,K`) on trace prompts of every SLO category
 and instruments one real scheduler: `engine.expand` is wrapped to keep each step's drafted
@@ -39,9 +39,6 @@ class Recorder:
         self.by_depth = {d: (np.zeros_like(self.count), np.zeros_like(self.count))
                          for d in range(1, depth + 1)}  # fmt: skip
         self.conf: dict[int, list[np.ndarray]] = {d: [] for d in range(1, depth + 1)}
-        # the same rows split by whether their parent was on the accepted path (depth >= 2)
-        self.conf_on: dict[int, list[np.ndarray]] = {d: [] for d in range(2, depth + 1)}
-        self.conf_off: dict[int, list[np.ndarray]] = {d: [] for d in range(2, depth + 1)}
         self.path_len: list[int] = []
         self.roots: dict = {}  # request (or slot) -> [(root position, top q)] in step order
         self.trees = None
@@ -62,15 +59,11 @@ class Recorder:
         kids: dict[int, list[int]] = {}
         for c in range(1, parents.shape[0]):
             kids.setdefault(int(parents[c]), []).append(c)
-        on_path = {int(sel[i]) for i in [0, *path]}  # the nodes the target agreed with
         # draft confidence of every expanded node's children, by child depth
         for v, cs in kids.items():
             q = np.exp(log_f[cs] - log_f[v]).astype(np.float64)
             q = np.sort(np.clip(q, 0.0, 1.0))[::-1]
-            d = int(depth[cs[0]])
-            self.conf[d].append(q)
-            if d >= 2:
-                (self.conf_on if v in on_path else self.conf_off)[d].append(q)
+            self.conf[int(depth[cs[0]])].append(q)
             if v == 0:  # the root's confidence, in the slot's order of steps (streaks)
                 self.roots.setdefault(slot if key is None else key, []).append(
                     (int(seg.ctx_len), float(q[0]))
@@ -93,29 +86,15 @@ class Recorder:
                 dc[rank, b] += 1
                 dm[rank, b] += hit
 
-    def streak(self) -> dict:
-        """The streak measured so far (`streak_of` over every request's steps)."""
-        return streak_of(list(self.roots.values()))
-
-    def _rows(self, table: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
-        """Each depth's recorded rows as an array, at most MAX_CONF_SAMPLES of them."""
-        out = {}
-        for d, rows in table.items():
+    def result(self, source: dict) -> Calibration:
+        conf = {}
+        for d, rows in self.conf.items():
             if not rows:
                 continue
             arr = np.array(rows, np.float32)
             if arr.shape[0] > MAX_CONF_SAMPLES:
                 arr = arr[self.rng.choice(arr.shape[0], MAX_CONF_SAMPLES, replace=False)]
-            out[d] = arr
-        return out
-
-    def result(self, source: dict, *, split: bool = True, streak: bool = False) -> Calibration:
-        """The calibration recorded; `split=False` leaves out the on/off-path confidence rows,
-        `streak=True` adds the measured streak (calibration.py: both change the simulator)."""
-        conf = self._rows(self.conf)
-        on, off = self._rows(self.conf_on), self._rows(self.conf_off)
-        both = sorted(set(on) & set(off)) if split else []
-        on, off = {d: on[d] for d in both}, {d: off[d] for d in both}
+            conf[d] = arr
         lens = np.array(self.path_len)
         per_depth = {
             d: (int((lens >= d - 1).sum()), int((lens >= d).sum()))
@@ -126,7 +105,7 @@ class Recorder:
         ).tolist())  # fmt: skip
         return Calibration(
             self.bins, self.matched, self.count, conf, per_depth, src, by_depth=self.by_depth,
-            streak=self.streak() if streak else {}, on_path=on, off_path=off,
+            streak=streak_of(list(self.roots.values())),
         )  # fmt: skip
 
 
@@ -210,7 +189,7 @@ def record_simulated(
     for i in range(requests):
         sched.submit(Request(f"r{i}", (1,) * 8, max_tokens))
     sched.run_until_done()
-    return rec.result({"simulated": True, "policy": policy}, streak=True)
+    return rec.result({"simulated": True, "policy": policy})
 
 
 def _record_commits(sched, rec: Recorder, shape) -> None:
@@ -256,14 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--out", default=str(DEFAULT_CALIBRATION))
-    ap.add_argument(
-        "--streak", action="store_true",
-        help="store the measured streak (the simulator then replays it; always printed)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--no-split", action="store_true",
-        help="leave out the confidence rows split by whether the parent was on the path",
-    )  # fmt: skip
     ap.add_argument("--profile-out", default=None, help=f"e.g. {PROFILE_DIR / 'local.json'}")
     args = ap.parse_args(argv)
 
@@ -307,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         "greedy": True,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    cal = rec.result(source, split=not args.no_split, streak=args.streak)
+    cal = rec.result(source)
     print(f"wrote {cal.save(args.out)}")
     sim = record_simulated(cal, depth=args.depth, topk=args.topk)
     for name, c in (("real", cal), ("simulated", sim)):
@@ -316,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         mean = 1 + (hist * np.arange(hist.size)).sum() / hist.sum()
         print(
             f"{name}: per-depth acceptance {rates}; accepted/step (bonus incl.) {mean:.2f}; "
-            f"streak {(rec.streak() if c is cal else c.streak) or '-'}"
+            f"streak {c.streak or '-'}"
         )
     if args.profile_out:
         data = profile_from_engine_cache(

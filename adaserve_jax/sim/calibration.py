@@ -20,13 +20,6 @@ instrumented real runs (policy `tree:D,K`, greedy):
   depth's table is shrunk toward the pooled one with a few pseudo-counts.
 - **Per-depth acceptance** of the real walks (depth d reached / depth d-1 reached), for
   checking the simulator against the real pair (SIMULATION.md).
-- **Confidence on and off the path** (optional fields `confidence_on_path` /
-  `confidence_off_path`, depth >= 2). The children of a node the target agreed with (the
-  draft guessed right, so it is in familiar text) are drafted with more confidence than the
-  children of a wrong guess. The recorder splits the confidence rows by whether their parent
-  was on the accepted path; the simulator, which draws the target's token level by level,
-  draws an on-path node's children from the first sample and any other node's from the
-  second. Without the fields every node's children come from `confidence` alike.
 - **Streaks** (optional field `streak`). Real text comes in stretches that are easy or hard
   for the draft: a request's draft confidence at its tree root is correlated between
   consecutive verify steps. The recorder ranks every step's root confidence (its top child's
@@ -75,9 +68,6 @@ class Calibration:
     path: str = ""
     by_depth: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     streak: dict = dataclasses.field(default_factory=dict)  # see the module docstring
-    # depth (>= 2) -> f32[M, K] rows of on-path / off-path parents' children (module docstring)
-    on_path: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
-    off_path: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     _table: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     _by_ease: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -95,22 +85,13 @@ class Calibration:
         if not self.confidence or 1 not in self.confidence:
             raise ValueError("confidence must hold samples for depth 1")
         k = self.count.shape[0]
-        for name, table in (
-            ("confidence", self.confidence), ("confidence_on_path", self.on_path),
-            ("confidence_off_path", self.off_path),
-        ):  # fmt: skip
-            for d, rows in table.items():
-                if rows.ndim != 2 or rows.shape[1] != k or rows.shape[0] == 0:
-                    raise ValueError(f"{name}[{d}] has shape {rows.shape}, expected [M>0, {k}]")
-                if np.any(rows < 0) or np.any(rows > 1) or np.any(rows.sum(1) > 1 + 1e-3):
-                    raise ValueError(f"{name}[{d}]: probabilities must be in [0, 1], sum <= 1")
-                if np.any(np.diff(rows, axis=1) > 1e-6):
-                    raise ValueError(f"{name}[{d}]: each row must be sorted descending")
-        if set(self.on_path) != set(self.off_path) or 1 in self.on_path:
-            raise ValueError(
-                f"confidence_on_path (depths {sorted(self.on_path)}) and confidence_off_path "
-                f"(depths {sorted(self.off_path)}) must cover the same depths, all >= 2"
-            )
+        for d, rows in self.confidence.items():
+            if rows.ndim != 2 or rows.shape[1] != k or rows.shape[0] == 0:
+                raise ValueError(f"confidence[{d}] has shape {rows.shape}, expected [M>0, {k}]")
+            if np.any(rows < 0) or np.any(rows > 1) or np.any(rows.sum(1) > 1 + 1e-3):
+                raise ValueError(f"confidence[{d}]: probabilities must be in [0, 1], sum <= 1")
+            if np.any(np.diff(rows, axis=1) > 1e-6):
+                raise ValueError(f"confidence[{d}]: each row must be sorted descending")
         for d, (m, c) in self.by_depth.items():
             if m.shape != self.count.shape or c.shape != self.count.shape:
                 raise ValueError(f"by_depth[{d}] tables must have shape {self.count.shape}")
@@ -172,21 +153,6 @@ class Calibration:
         pick = rows[np.minimum((ease * rows.shape[0]).astype(np.int64), rows.shape[0] - 1)]
         return self._widen(pick, k)
 
-    def sample_split(self, rng: np.random.Generator, depth: int, on: np.ndarray, k: int):
-        """f32[n, k] children's confidence rows at `depth` for n parents, from the on-path
-        sample where `on` (bool[n]) and the off-path one elsewhere; `sample_confidence` for
-        every parent when the calibration has no split at that depth (nor below it)."""
-        known = [d for d in self.on_path if d <= depth]
-        if not known:
-            return self.sample_confidence(rng, depth, on.size, k)
-        d = max(known)
-        on_rows, off_rows = self.on_path[d], self.off_path[d]
-        pick = off_rows[rng.integers(0, off_rows.shape[0], size=on.size)]
-        n_on = int(on.sum())
-        if n_on:
-            pick[on] = on_rows[rng.integers(0, on_rows.shape[0], size=n_on)]
-        return self._widen(pick, k)
-
     def _widen(self, pick: np.ndarray, k: int) -> np.ndarray:
         """The first k columns of sampled rows; ranks past the calibrated K extrapolated."""
         if k <= self.topk:
@@ -229,17 +195,6 @@ class Calibration:
             },
             "source": self.source,
             **({"streak": self.streak} if self.streak else {}),
-            **{
-                name: {
-                    str(d): np.round(rows.astype(np.float64), 4).tolist()
-                    for d, rows in sorted(table.items())
-                }
-                for name, table in (
-                    ("confidence_on_path", self.on_path),
-                    ("confidence_off_path", self.off_path),
-                )
-                if table
-            },
         }
 
     def save(self, path: str | Path) -> Path:
@@ -305,20 +260,10 @@ def load_calibration(path: str | Path | None = None) -> Calibration:
     streak = data.get("streak", {})
     if not isinstance(streak, dict):
         raise CalibrationError(f"{path}: field 'streak' must be an object, got {streak!r}")
-    split = {}
-    for name in ("confidence_on_path", "confidence_off_path"):
-        try:
-            split[name] = {
-                int(d): np.array(rows, np.float32) for d, rows in (data.get(name) or {}).items()
-            }
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise CalibrationError(
-                f"{path}: field {name!r} must map depths to rows of probabilities ({exc!r})"
-            ) from None
     try:
         return Calibration(
             bins_arr, matched, count, confidence, depths, data.get("source", {}), str(path),
-            by_depth, streak, split["confidence_on_path"], split["confidence_off_path"],
+            by_depth, streak,
         )  # fmt: skip
     except ValueError as exc:
         raise CalibrationError(f"{path}: {exc}") from None

@@ -230,11 +230,6 @@ class SimEngine:
         # the target's token at the root: one of its k children or none
         root = np.zeros((a, 1), np.int64)
         self._draw_truth(truth, active, root, np.exp(rv)[:, None, :], 1, depth=1)
-        split = bool(self.calibration.on_path)
-        if split:  # which nodes the target agrees with (their children drafted surer)
-            on_path = np.zeros((a, n), bool)
-            hit = truth[active, 0]
-            on_path[np.arange(a), hit] = hit > 0
 
         cand = np.broadcast_to(np.arange(1, 1 + k), (a, k))  # [A, C] node ids of candidates
         nxt = 1 + k
@@ -243,12 +238,7 @@ class SimEngine:
             cand_logf = log_f[active[:, None], cand]
             pick = np.argsort(-cand_logf, axis=1, kind="stable")[:, :w]
             frontier = cand[ar, pick]  # [A, w] sorted by log_f, ties lower index
-            if split:
-                on = on_path[ar, frontier]  # [A, w]
-                q = self.calibration.sample_split(self.rng, j, on.reshape(-1), k)
-                q = q.reshape(a, w, k)
-            else:
-                q = self.calibration.sample_confidence(self.rng, j, a * w, k).reshape(a, w, k)
+            q = self.calibration.sample_confidence(self.rng, j, a * w, k).reshape(a, w, k)
             child = nxt + np.arange(w * k)  # [w*k]
             parents[:, child] = 0
             parents[active[:, None], child[None, :]] = np.repeat(frontier, k, axis=1)
@@ -259,9 +249,6 @@ class SimEngine:
             )
             depths[:, child] = j
             self._draw_truth(truth, active, frontier, q, nxt, depth=j)
-            if split:  # a correct child of an on-path frontier node is on the path
-                hit = truth[active[:, None], frontier]  # [A, w]
-                on_path[ar, hit] |= on & (hit > 0)
             cand = np.broadcast_to(child, (a, w * k))
             nxt += w * k
         self._truth = truth
