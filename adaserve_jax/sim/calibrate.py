@@ -2,7 +2,7 @@
 
     python -m adaserve_jax.sim.calibrate [--target DIR] [--draft DIR] [--workload TRACE]
         [--prompts N] [--max-tokens L] [--depth D] [--topk K] [--out calibration.json]
-        [--profile-out profiles/local.json]
+        [--streak] [--profile-out profiles/local.json]
 
 Runs the real `Engine` (greedy, policy `tree:D,K`) on trace prompts of every SLO category
 and instruments one real scheduler: `engine.expand` is wrapped to keep each step's drafted
@@ -86,7 +86,13 @@ class Recorder:
                 dc[rank, b] += 1
                 dm[rank, b] += hit
 
-    def result(self, source: dict) -> Calibration:
+    def streak(self) -> dict:
+        """The streak measured so far (`streak_of` over every request's steps)."""
+        return streak_of(list(self.roots.values()))
+
+    def result(self, source: dict, *, streak: bool = False) -> Calibration:
+        """The calibration recorded; `streak=True` adds the measured streak (the simulator
+        then replays it, calibration.py)."""
         conf = {}
         for d, rows in self.conf.items():
             if not rows:
@@ -105,7 +111,7 @@ class Recorder:
         ).tolist())  # fmt: skip
         return Calibration(
             self.bins, self.matched, self.count, conf, per_depth, src, by_depth=self.by_depth,
-            streak=streak_of(list(self.roots.values())),
+            streak=self.streak() if streak else {},
         )  # fmt: skip
 
 
@@ -189,7 +195,7 @@ def record_simulated(
     for i in range(requests):
         sched.submit(Request(f"r{i}", (1,) * 8, max_tokens))
     sched.run_until_done()
-    return rec.result({"simulated": True, "policy": policy})
+    return rec.result({"simulated": True, "policy": policy}, streak=True)
 
 
 def _record_commits(sched, rec: Recorder, shape) -> None:
@@ -235,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--out", default=str(DEFAULT_CALIBRATION))
+    ap.add_argument(
+        "--streak", action="store_true",
+        help="store the measured streak in the file (the simulator then replays it); the "
+        "measurement is printed either way",
+    )  # fmt: skip
     ap.add_argument("--profile-out", default=None, help=f"e.g. {PROFILE_DIR / 'local.json'}")
     args = ap.parse_args(argv)
 
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         "greedy": True,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    cal = rec.result(source)
+    cal = rec.result(source, streak=args.streak)
     print(f"wrote {cal.save(args.out)}")
     sim = record_simulated(cal, depth=args.depth, topk=args.topk)
     for name, c in (("real", cal), ("simulated", sim)):
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         mean = 1 + (hist * np.arange(hist.size)).sum() / hist.sum()
         print(
             f"{name}: per-depth acceptance {rates}; accepted/step (bonus incl.) {mean:.2f}; "
-            f"streak {c.streak or '-'}"
+            f"streak {(rec.streak() if c is cal else c.streak) or '-'}"
         )
     if args.profile_out:
         data = profile_from_engine_cache(

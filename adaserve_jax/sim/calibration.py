@@ -24,12 +24,13 @@ instrumented real runs (policy `tree:D,K`, greedy):
   for the draft: a request's draft confidence at its tree root is correlated between
   consecutive verify steps. The recorder ranks every step's root confidence (its top child's
   q) among all of them and measures the rank correlation `step_corr` between a request's
-  consecutive steps, `mean_gap_tokens` tokens apart; `rho_per_token = step_corr **
-  (1 / mean_gap_tokens)`. The simulator gives every slot a latent quantile that it keeps
-  from one draft step to the next with probability `rho_per_token ** tokens advanced` and
-  redraws otherwise, and picks the root's confidence row at that quantile of the depth-1
-  samples (ordered by their top q), so an easy stretch stays easy for a while. Without the
-  field (or rho 0) every step draws its root row afresh, as before.
+  consecutive steps, `mean_gap_tokens` tokens apart on average, and fits `rho_per_token`, the
+  rho whose mean `rho ** gap` over those pairs equals `step_corr` (`calibrate.py --streak`
+  stores it; the shipped file has none). The simulator gives every slot a latent quantile
+  that it keeps from one draft step to the next with probability `rho_per_token ** tokens
+  advanced` and redraws otherwise, and picks the root's confidence row at that quantile of
+  the depth-1 samples (ordered by their top q), so an easy stretch stays easy for a while.
+  Without the field (or rho 0) every step draws its root row afresh, as before.
 
 The file (`calibration.json`) is validated on load; errors name the file and the field.
 Ranks beyond K never match; their `q` decays geometrically from `q_K` (documented

@@ -82,3 +82,16 @@ def test_streak_field_round_trips_and_is_validated(tmp_path):
         with pytest.raises(CalibrationError, match=match):
             load_calibration(tmp_path / "bad.json")
     assert load_calibration().streak_rho >= 0.0  # the shipped file loads
+
+
+def test_recorder_stores_the_streak_only_when_asked():
+    """Re-recording the shipped calibration without --streak keeps the simulator as it was:
+    the measured streak is stored only with streak=True."""
+    from adaserve_jax.sim.calibrate import Recorder
+
+    rec = Recorder(depth=2, topk=2)
+    rec.conf[1] = [np.array([0.6, 0.2])] * 4
+    rec.path_len = [1, 2, 0]
+    rec.roots = {"a": [(p, 0.1 * (p % 7)) for p in range(0, 40, 2)]}
+    assert rec.result({}).streak == {}
+    assert rec.result({}, streak=True).streak == rec.streak() != {}
