@@ -128,18 +128,14 @@ def streak_of(runs: list[list[tuple[int, float]]]) -> dict:
     order = np.argsort(qs, kind="stable")
     rank = np.empty(qs.size)
     rank[order] = (np.arange(qs.size) + 0.5) / qs.size
-    a, b, gaps, i = [], [], [], 0
-    for run in runs:
-        for (p0, _), (p1, _), j in zip(run, run[1:], range(i, i + len(run)), strict=False):
-            if p1 > p0:
-                a.append(rank[j])
-                b.append(rank[j + 1])
-                gaps.append(p1 - p0)
-        i += len(run)
-    if len(a) < 8:
+    pos = np.array([p for run in runs for p, _ in run], np.float64)
+    request = np.repeat(np.arange(len(runs)), [len(run) for run in runs])
+    gap = np.diff(pos)
+    pair = (request[1:] == request[:-1]) & (gap > 0)  # consecutive steps of one request
+    if pair.sum() < 8:
         return {}
-    corr = float(np.corrcoef(a, b)[0, 1])
-    g = np.array(gaps, np.float64)
+    corr = float(np.corrcoef(rank[:-1][pair], rank[1:][pair])[0, 1])
+    g = gap[pair]
     rho = 0.0
     if corr > 0:
         lo, hi = 0.0, 1.0
@@ -150,7 +146,7 @@ def streak_of(runs: list[list[tuple[int, float]]]) -> dict:
     return {
         "step_corr": round(corr, 4),
         "mean_gap_tokens": round(float(g.mean()), 3),
-        "pairs": len(a),
+        "pairs": int(pair.sum()),
         "rho_per_token": round(min(rho, 0.999), 4),
     }
 
