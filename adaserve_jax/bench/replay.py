@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from adaserve_jax.bench.metrics import request_result, summarize
+from adaserve_jax.bench.speed_memory import correlation_time_ms
 from adaserve_jax.bench.workload import TraceEntry, arrival_times_s, offered_rps
 from adaserve_jax.scheduler.policy import parse_policy
 from adaserve_jax.scheduler.request import FinishReason, Phase, Request, RequestState
@@ -58,8 +59,9 @@ class _Raw:
     # per kind, per second of the replay since its start: (wall time, price) summed over the
     # calls that began in that second
     speed_bins: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
-    # per kind, the second (index into speed_bins) each call of `speeds` began in
-    call_seconds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # per kind, when each call of `speeds` began (seconds since the replay's start; its int
+    # is the call's index into speed_bins)
+    call_starts: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     baseline_tpot_ms: float | None = None  # the replay's own baseline (per-run baselines)
     offered_rps: float | None = None  # of the replay's own arrivals (per-run baselines)
 
@@ -163,15 +165,16 @@ def replay(
     # how fast the machine ran each kind of device call against its start-up profile
     speeds: dict[str, list[float]] = {kind: [] for kind in SPEED_KINDS}
     bins: dict[str, list[list[float]]] = {kind: [] for kind in SPEED_KINDS}
-    call_secs: dict[str, list[int]] = {kind: [] for kind in SPEED_KINDS}
+    call_starts: dict[str, list[float]] = {kind: [] for kind in SPEED_KINDS}
     observes = hasattr(engine, "on_device_call")
     if observes:
 
         def on_device_call(kind: str, price_s: float, seconds: float) -> None:
             if price_s > 0:
                 speeds[kind].append(seconds / price_s)
-                sec, row = int(clock() - seconds - t0), bins[kind]
-                call_secs[kind].append(sec)
+                start = clock() - seconds - t0
+                sec, row = int(start), bins[kind]
+                call_starts[kind].append(start)
                 while len(row) <= sec:
                     row.append([0.0, 0.0])
                 row[sec][0] += seconds
@@ -216,7 +219,7 @@ def replay(
         host_s=host_s,
         speeds=speeds,
         speed_bins=bins,
-        call_seconds=call_secs,
+        call_starts=call_starts,
     )
     return ReplayRun(policy, _summary([raw], arrivals_s), states, raw)
 
@@ -263,6 +266,8 @@ def _summary(raws: Sequence[_Raw], arrivals_s: np.ndarray) -> dict:
         ]
     summary["speed_trace"] = trace
     summary["speed_scatter"] = {kind: _scatter(raws, kind) for kind in SPEED_KINDS}
+    # how long a call's deviation from its second's speed persists (bench/speed_memory.py)
+    summary["speed_corr_ms"] = correlation_time_ms([_residuals(r) for r in raws])
     if len(raws) > 1:
         summary["repeats"] = len(raws)
     return summary
@@ -396,16 +401,30 @@ def _scatter(raws: Sequence[_Raw], kind: str) -> list[float] | None:
     quantiles (0, 2, ..., 100%) of each call's wall time / price over its second's
     time-weighted ratio (the `speed_trace` entry). None when no call was timed; a simulated
     replay fed the trace draws from it (sim/engine.py SpeedJitter, validate --jitter cell)."""
-    rel = []
-    for r in raws:
-        ratios, secs = r.speeds.get(kind, []), r.call_seconds.get(kind, [])
-        if not ratios:  # (`replay` appends a call's ratio and its second together)
-            continue
-        rel.append(np.asarray(ratios) / _per_second(r, kind)[np.asarray(secs)])
+    rel = [x for r in raws if (x := _relative(r, kind)).size]
     if not rel:
         return None
     q = np.quantile(np.concatenate(rel), np.linspace(0.0, 1.0, SCATTER_LEVELS))
     return [round(float(x), 4) for x in q]
+
+
+def _relative(raw: _Raw, kind: str) -> np.ndarray:
+    """f64[calls]: each call of `kind`'s wall time / price over its second's ratio."""
+    ratios = np.asarray(raw.speeds.get(kind, []), np.float64)
+    if not ratios.size:  # (`replay` appends a call's ratio and its start together)
+        return ratios
+    secs = np.asarray(raw.call_starts[kind], np.float64).astype(np.int64)
+    return ratios / _per_second(raw, kind)[secs]
+
+
+def _residuals(raw: _Raw) -> tuple[np.ndarray, np.ndarray]:
+    """Every timed call of one replay, all kinds, in order of start: (starts in s, wall time
+    / price over its second's ratio for its kind), for `correlation_time_ms`."""
+    starts = [np.asarray(raw.call_starts.get(k, []), np.float64) for k in SPEED_KINDS]
+    rel = [_relative(raw, k) for k in SPEED_KINDS]
+    t, x = np.concatenate(starts), np.concatenate(rel)
+    order = np.argsort(t, kind="stable")
+    return t[order], x[order]
 
 
 def _per_second(raw: _Raw, kind: str) -> np.ndarray:

@@ -29,6 +29,7 @@ device work is replaced:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -96,15 +97,27 @@ class SpeedJitter:
     `SpeedTrace` gives each simulated call its second's mean; `draw` multiplies in one such
     call's scatter, so a simulated second holds the real mix of fast steps and slow outliers
     (which moves SLO pacing: an outlier step costs a tight request its slack at once). A kind
-    without a sample uses `fallback`'s."""
+    without a sample uses `fallback`'s.
 
-    def __init__(self, per_kind: dict[str, Sequence[float]], fallback: str = "verify") -> None:
+    `corr_ms` > 0 gives the scatter memory (bench/speed_memory.py): a simulated engine then
+    draws through a latent standard normal that decays towards a fresh one with time constant
+    `corr_ms` (an Ornstein-Uhlenbeck process on the virtual clock, shared by the kinds of call),
+    mapped to a sample value by its quantile (`at`), so slow calls come in spells as on the
+    real machine while each draw keeps the sample's distribution. 0 draws independently."""
+
+    def __init__(
+        self, per_kind: dict[str, Sequence[float]], fallback: str = "verify", corr_ms: float = 0.0
+    ) -> None:
+        if not (math.isfinite(corr_ms) and corr_ms >= 0):
+            raise ValueError(f"speed jitter: corr_ms={corr_ms} must be finite and >= 0")
+        self.corr_s = corr_ms / 1e3
         self._samples: dict[str, np.ndarray] = {}
         for kind, values in per_kind.items():
             x = np.asarray(values, np.float64).ravel()
             if not x.size or not (np.isfinite(x).all() and x.min() > 0):
                 raise ValueError(f"speed jitter {kind!r}: needs finite ratios > 0")
             self._samples[kind] = x / x.mean()
+        self._sorted = {kind: np.sort(x) for kind, x in self._samples.items()}
         if fallback not in self._samples:
             raise ValueError(f"speed jitter has no {fallback!r} sample")
         self.fallback = fallback
@@ -112,6 +125,11 @@ class SpeedJitter:
     def draw(self, kind: str, rng: np.random.Generator) -> float:
         x = self._samples.get(kind, self._samples[self.fallback])
         return float(x[rng.integers(x.size)])
+
+    def at(self, kind: str, u: float) -> float:
+        """The sample's value at quantile u in [0, 1) (what a uniform u draws)."""
+        x = self._sorted.get(kind, self._sorted[self.fallback])
+        return float(x[min(int(u * x.size), x.size - 1)])
 
 
 class SimEngine:
@@ -149,6 +167,7 @@ class SimEngine:
         self.speed = speed  # a real replay's device speed over time (validation), else 1.0
         self.jitter = jitter  # each call's scatter around that speed (its own random stream)
         self._jitter_rng = np.random.default_rng([seed, 1])
+        self._jitter_z, self._jitter_t = 0.0, None  # correlated scatter's latent (SpeedJitter)
         # streaks (calibration.py): every slot's latent draft ease, a quantile in [0, 1), and
         # the position up to which the draft has read it; its own random stream
         self._ease = np.zeros(num_slots)
@@ -274,8 +293,22 @@ class SimEngine:
     def _factor(self, kind: str) -> float:
         f = 1.0 if self.speed is None else self.speed.factor(kind, self.clock())
         if self.jitter is not None:
-            f *= self.jitter.draw(kind, self._jitter_rng)
+            if self.jitter.corr_s > 0:
+                f *= self.jitter.at(kind, self._latent_quantile())
+            else:
+                f *= self.jitter.draw(kind, self._jitter_rng)
         return f
+
+    def _latent_quantile(self) -> float:
+        """The correlated scatter's latent normal (SpeedJitter) moved to now, as a quantile."""
+        now, fresh = self.clock(), float(self._jitter_rng.standard_normal())
+        if self._jitter_t is None:
+            z = fresh
+        else:
+            keep = math.exp(-(now - self._jitter_t) / self.jitter.corr_s)
+            z = keep * self._jitter_z + math.sqrt(1.0 - keep * keep) * fresh
+        self._jitter_z, self._jitter_t = z, now
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
     def _draw_truth(self, truth: np.ndarray, active: np.ndarray, nodes: np.ndarray,
                     q: np.ndarray, first: int, depth: int) -> None:  # fmt: skip

@@ -26,6 +26,8 @@ from adaserve_jax.sim.validate import gap_summary
 OPTIONS = (
     "profile", "host_ms", "speed", "speed_scale", "trace_of", "jitter", "calibration", "seeds",
 )  # fmt: skip
+# ... and those newer than some saved validations (absent: None, their default)
+LATER_OPTIONS = ("jitter_corr_ms",)
 
 
 def _mean(xs: list[float]) -> float:
@@ -45,11 +47,11 @@ def pool(validations: list[tuple[str, dict]]) -> dict:
     cells: dict[tuple[str, float], list[dict]] = {}
     order: list[tuple[str, float]] = []
     for name, v in validations:
-        for field in ("setup", *OPTIONS):
-            if v[field] != first[field]:
+        for field in ("setup", *OPTIONS, *LATER_OPTIONS):
+            if v.get(field) != first.get(field):
                 raise ValueError(
-                    f"{name}: field {field!r} is {v[field]!r}, {first_name} has "
-                    f"{first[field]!r}: not repeats validated alike"
+                    f"{name}: field {field!r} is {v.get(field)!r}, {first_name} has "
+                    f"{first.get(field)!r}: not repeats validated alike"
                 )
         keys = [(r["policy"], float(r["time_scale"])) for r in v["rows"]]
         if len(set(keys)) != len(keys):
@@ -92,7 +94,7 @@ def pool(validations: list[tuple[str, dict]]) -> dict:
     return {
         "validations": [name for name, _ in validations],
         "setup": first["setup"],
-        "options": {field: first[field] for field in OPTIONS},
+        "options": {field: first.get(field) for field in (*OPTIONS, *LATER_OPTIONS)},
         "summary": gap_summary(rows),
         "per_run_summary": gap_summary(per_run),
         "rows": rows,

@@ -100,6 +100,13 @@ def _bench_profile(
     return parse_profile(data, f"{source}: settings.latency_profile")
 
 
+def _non_negative(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return x
+
+
 def gap_summary(rows: list[dict]) -> dict:
     """Per policy and over all rows ("all"): the mean absolute attainment gap (pp), the points
     within 5 pp and the number of points."""
@@ -182,13 +189,24 @@ def main(argv: list[str] | None = None) -> dict:
         "second's ratio; sim/engine.py SpeedJitter, sim/jitter.py), 'local': this machine's "
         "(adaserve_jax/sim/jitter_local.json), or 'cell': each replay's own `speed_scatter`",
     )
+    ap.add_argument(
+        "--jitter-corr-ms",
+        type=_non_negative,
+        default=None,
+        metavar="MS",
+        help="with --jitter: the scatter's memory, a time constant in ms (SpeedJitter "
+        "corr_ms; 0: independent draws). Default: with --jitter cell each replay's own "
+        "`speed_corr_ms` where the bench recorded it, else 0",
+    )
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
-    jitter = None
+    if args.jitter_corr_ms is not None and args.jitter is None:
+        ap.error("--jitter-corr-ms needs --jitter")
+    jitter, corr_ms = None, args.jitter_corr_ms or 0.0
     if args.jitter is not None and args.jitter != "cell":
         jitter_path = LOCAL_JITTER if args.jitter == "local" else Path(args.jitter)
         try:
-            jitter = SpeedJitter(json.loads(jitter_path.read_text()))
+            jitter = SpeedJitter(json.loads(jitter_path.read_text()), corr_ms=corr_ms)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise SystemExit(f"error: --jitter {jitter_path}: {exc}") from None
     scale = args.speed_scale
@@ -297,8 +315,16 @@ def main(argv: list[str] | None = None) -> dict:
                     ) from None
             if args.jitter == "cell":
                 scatter = {k: v for k, v in (rs.get("speed_scatter") or {}).items() if v}
+                corr_ms = args.jitter_corr_ms
+                if corr_ms is None:  # the replay's own memory, where the bench measured it
+                    corr_ms = rs.get("speed_corr_ms") or 0.0
+                    if not (isinstance(corr_ms, int | float) and 0 <= corr_ms < math.inf):
+                        raise SystemExit(
+                            f"error: {args.bench_json}: {policy} at x{point['time_scale']}: "
+                            f"field speed_corr_ms: {corr_ms!r} must be a number >= 0"
+                        )
                 try:
-                    jitter = SpeedJitter(scatter)
+                    jitter = SpeedJitter(scatter, corr_ms=corr_ms)
                 except ValueError as exc:
                     raise SystemExit(
                         f"error: {args.bench_json}: {policy} at x{point['time_scale']}: field "
@@ -340,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "sim_speed": speed,
                 "sim_draft_speed": draft_speed or speed,
                 "sim_expand_speed": expand_speed or speed,
+                "sim_jitter_corr_ms": corr_ms if jitter is not None else None,
                 "real_attainment": rs["attainment"],
                 "sim_attainment": att,
                 "attainment_gap_pp": 100 * (att - rs["attainment"]),
@@ -385,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speed_scale": scale,
         "trace_of": args.trace_of,
         "jitter": args.jitter,
+        "jitter_corr_ms": args.jitter_corr_ms,
         "calibration": cal.path,
         "setup": {  # what sim.pool checks repeats by (the workload by its file name)
             "workload": Path(st["workload"]).name,

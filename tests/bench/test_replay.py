@@ -109,6 +109,8 @@ def test_end_to_end_replay(model_pair, tmp_path, monkeypatch, capsys):
         scatter = p["speed_scatter"]["verify"]
         assert len(scatter) == 51 and scatter == sorted(scatter), name
         assert scatter[0] <= 1.0 <= scatter[-1] and 0.5 < scatter[25] < 2.0, name
+        # the scatter's memory (bench/speed_memory.py): a time constant, finite and >= 0
+        assert 0.0 <= p["speed_corr_ms"] < 1e4, name
     # the draft's calls are priced the same way, for the speculative policy only
     ar, ada = result["policies"]["autoregressive"], result["policies"]["adaserve"]
     assert ar["draft_speed"] is None and ar["expand_speed"] is None

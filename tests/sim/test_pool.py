@@ -78,6 +78,11 @@ def test_runs_that_are_not_repeats_validated_alike_are_errors(tmp_path):
     twice = validation([("ada", 2.0, 0.5, 0.6), ("ada", 2.0, 0.5, 0.6)])
     with pytest.raises(ValueError, match="b.json: field 'rows' repeats"):
         pool([("a.json", a), ("b.json", twice)])
+    # an option newer than some saved validations: absent counts as its default (None)
+    assert pool([("a.json", a), ("b.json", {**a, "jitter_corr_ms": None})])["rows"]
+    memory = validation([("ada", 2.0, 0.5, 0.6)], jitter_corr_ms=20.0)
+    with pytest.raises(ValueError, match=r"b.json: field 'jitter_corr_ms' is 20.0, a.json"):
+        pool([("a.json", a), ("b.json", memory)])
     old = {k: v for k, v in a.items() if k != "setup"}
     with pytest.raises(ValueError, match="b.json: no field 'setup' \\(re-run sim.validate\\)"):
         pool([("a.json", a), ("b.json", old)])

@@ -397,6 +397,42 @@ def test_speed_jitter_scatters_each_call_around_its_speed(cal):
         SpeedJitter({"draft": [1.0]})
 
 
+def test_correlated_jitter_draws_in_spells_with_the_samples_distribution(cal):
+    """SpeedJitter(corr_ms): consecutive steps' draws share a latent normal that decays with
+    time constant corr_ms on the virtual clock, so with a memory much longer than a step
+    (~30 ms here) neighbours draw nearly alike and with a much shorter one independently;
+    either way each draw is a value of the sample (and the factors average about its mean x
+    the trace's). A negative or non-finite corr_ms is refused."""
+    from adaserve_jax.sim.engine import SpeedJitter, SpeedTrace
+
+    prof = paper_profile()
+    sample = np.linspace(0.5, 1.5, 101)
+
+    def factors(corr_ms):
+        clock = VirtualClock()
+        eng = SimEngine(prof, cal, num_slots=4, max_len=512, clock=clock, seed=3,
+                        speed=SpeedTrace({"verify": [2.0]}),
+                        jitter=SpeedJitter({"verify": sample}, corr_ms=corr_ms))  # fmt: skip
+        sched = Scheduler(eng, policy="autoregressive", token_budget=64, clock=clock)
+        sched.submit(Request("a", (1,) * 10, 400))
+        sched.run_until_done()
+        price = np.array([prof.verify_ms(r.tokens) / 1e3 for r in sched.step_log])
+        return np.array([r.seconds for r in sched.step_log]) / price / 2.0
+
+    def lag1(x):
+        x = x - x.mean()
+        return float(np.dot(x[:-1], x[1:]) / np.dot(x, x))
+
+    slow, fast = factors(3000.0), factors(1.0)
+    assert lag1(slow) > 0.9 and abs(lag1(fast)) < 0.15
+    for f in (slow, fast):
+        assert np.isin(f.round(6), sample.round(6)).all()
+    assert 0.9 < fast.mean() < 1.1
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="corr_ms"):
+            SpeedJitter({"verify": [1.0]}, corr_ms=bad)
+
+
 def test_budget_rule_prices_drafting_with_the_measured_expansion_call(cal, monkeypatch):
     """AdaServe's budget rule prices an iteration's drafting as the draft step over its
     catch-up chains plus the profile's expansion call for the shape and rows; a profile

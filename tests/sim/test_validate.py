@@ -260,6 +260,32 @@ def test_jitter_scatters_the_simulated_calls_and_bad_files_are_errors(tmp_path, 
     )
 
 
+def test_jitter_memory_from_the_cell_or_the_flag(tmp_path, cal_file):
+    """`--jitter cell` draws with each replay's recorded `speed_corr_ms` (0, independent draws,
+    where the bench recorded none), `--jitter-corr-ms MS` overrides it; rows and output record
+    what was used. The flag needs --jitter and a number >= 0; a malformed recorded field is an
+    error naming it."""
+    path = bench_json(tmp_path, {"autoregressive": 0.0})
+    with_cell_fields(path, "autoregressive", speed_scatter={"verify": [0.5, 1.0, 1.5, 2.0]})
+    iid = run(path, cal_file, "--jitter", "cell")
+    assert iid["jitter_corr_ms"] is None and iid["rows"][0]["sim_jitter_corr_ms"] == 0.0
+    forced = run(path, cal_file, "--jitter", "cell", "--jitter-corr-ms", "0")["rows"][0]
+    assert forced["sim_tpot_p50_ms"] == iid["rows"][0]["sim_tpot_p50_ms"]
+    with_cell_fields(path, "autoregressive", speed_corr_ms=500.0)
+    own = run(path, cal_file, "--jitter", "cell")["rows"][0]
+    assert own["sim_jitter_corr_ms"] == 500.0
+    assert own["sim_tpot_p50_ms"] != iid["rows"][0]["sim_tpot_p50_ms"]
+    flag = run(path, cal_file, "--jitter", "cell", "--jitter-corr-ms", "500")
+    assert flag["jitter_corr_ms"] == 500.0 and flag["rows"][0] == own
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--jitter-corr-ms", "20")  # without --jitter
+    with pytest.raises(SystemExit):
+        run(path, cal_file, "--jitter", "cell", "--jitter-corr-ms", "-1")
+    with_cell_fields(path, "autoregressive", speed_corr_ms=-3)
+    with pytest.raises(SystemExit, match="autoregressive at x2.0: field speed_corr_ms"):
+        run(path, cal_file, "--jitter", "cell")
+
+
 def test_gap_summary_per_policy_and_overall():
     from adaserve_jax.sim.validate import gap_summary
 
