@@ -2,7 +2,7 @@
 
     python -m adaserve_jax.sim.validate BENCH.json [--profile local|FILE|bench]
         [--host-ms MS|measured] [--speed profile|measured|cell|cell-time|trace]
-        [--speed-scale X] [--trace-of POLICY] [--jitter FILE|local|cell]
+        [--speed-scale X] [--trace-of POLICY] [--jitter FILE|local|cell] [--jitter-corr-ms MS]
         [--tokenizer checkpoints/tokenizer.json] [--calibration FILE] [--json OUT.json]
 
 Reads the real bench's JSON (`python -m adaserve_jax.bench ... --json`), replays the same
@@ -39,6 +39,10 @@ minute (a what-if for comparing schedulers, not a validation of the other polici
 `--jitter` adds what a per-second trace averages away: every simulated call also draws its
 own scatter around its second's speed from a real sample (sim/jitter.py), so a simulated
 second holds the real mix of fast steps and slow outliers, which SLO pacing reacts to.
+Those outliers come in spells on the real machine: `--jitter cell` draws with each replay's
+recorded memory (`speed_corr_ms`, bench/speed_memory.py; a latent that decays with that time
+constant, `SpeedJitter(corr_ms)`), independently where none was recorded; `--jitter-corr-ms
+MS` sets one for every cell (0: independent draws).
 
 Every row also records each seed's attainment (`sim_attainment_seeds`), and the summary the
 gap a perfect simulator would still show against one real run if the real run scattered as
